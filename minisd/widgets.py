@@ -1,0 +1,120 @@
+"""Interactive explorers for the notebooks; each redraw is a plain function tested without a browser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import torch
+
+from minisd.plotting import plot_schedules, show_row
+from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
+
+# Fractions of the way through the schedule at which the explorer shows noised images.
+ROW_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class ExplorerState:
+    """What the schedule explorer shows for one setting of its controls."""
+
+    kind: str
+    num_timesteps: int
+    t: int
+    alpha_bar: float  # signal variance left at t
+    snr: float
+    row_timesteps: tuple[int, ...]
+    error: str | None = None
+
+
+def noised_row(schedule: NoiseSchedule, x0: torch.Tensor, timesteps: list[int], seed: int = 0) -> torch.Tensor:
+    """x0 (1, C, H, W) noised to each timestep with the same noise draw: (len(timesteps), C, H, W)."""
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.tensor(timesteps)
+    return schedule.add_noise(x0.expand(len(t), *x0.shape[1:]), noise.expand(len(t), *x0.shape[1:]), t)
+
+
+def draw_schedule_explorer(
+    kind: str,
+    num_timesteps: int,
+    beta_start: float | None,
+    beta_end: float | None,
+    t: int,
+    x0: torch.Tensor,
+    fig: plt.Figure | None = None,
+) -> tuple[plt.Figure, ExplorerState]:
+    """Draw the schedule's curves (marked at t) and x0 noised along it; return the figure and state."""
+    fig = fig or plt.figure(figsize=(12, 5))
+    fig.clear()
+    if kind == "cosine":
+        beta_start = beta_end = None
+    try:
+        sched = NoiseSchedule(kind, num_timesteps, beta_start, beta_end)
+    except ValueError as err:
+        fig.text(0.5, 0.5, f"invalid settings: {err}", ha="center", wrap=True)
+        return fig, ExplorerState(kind, num_timesteps, t, float("nan"), float("nan"), (), str(err))
+    t = min(max(int(t), 0), num_timesteps - 1)
+    top, bottom = fig.add_gridspec(2, 1, height_ratios=(1.2, 1))
+    curve_axes = top.subgridspec(1, 3).subplots()
+    plot_schedules({kind: sched}, axes=curve_axes, mark_t=t)
+    row_t = sorted({round(f * (num_timesteps - 1)) for f in ROW_FRACTIONS} | {t})
+    images = noised_row(sched, x0[:1], row_t)
+    labels = [f"t={s}" + (" *" if s == t else "") for s in row_t]
+    show_row(images, labels, axes=bottom.subgridspec(1, len(row_t)).subplots())
+    alpha_bar = float(sched.alphas_cumprod[t])
+    fig.suptitle(f"{kind}, T={num_timesteps}: at t={t}, alpha-bar={alpha_bar:.4f}")
+    fig.tight_layout()
+    return fig, ExplorerState(kind, num_timesteps, t, alpha_bar, float(sched.snr(t)), tuple(row_t))
+
+
+class ScheduleExplorer:
+    """ipywidgets controls (kind, T, beta range, t) that redraw `draw_schedule_explorer`."""
+
+    def __init__(self, x0: torch.Tensor) -> None:
+        import ipywidgets as w
+
+        self.x0 = x0
+        style = {"description_width": "80px"}
+        self.kind = w.Dropdown(options=SCHEDULE_KINDS, value="linear", description="schedule", style=style)
+        self.num_timesteps = w.IntSlider(1000, min=10, max=2000, step=10, description="T", style=style)
+        self.beta_start = w.FloatLogSlider(1e-4, base=10, min=-5, max=-1, description="beta_start", style=style)
+        self.beta_end = w.FloatLogSlider(0.02, base=10, min=-3, max=-0.3, description="beta_end", style=style)
+        self.t = w.IntSlider(250, min=0, max=999, description="t", style=style)
+        self.output = w.Output()
+        self.state: ExplorerState | None = None
+        for control in (self.kind, self.num_timesteps, self.beta_start, self.beta_end, self.t):
+            control.observe(self._on_change, names="value")
+        controls = w.VBox([self.kind, self.num_timesteps, self.beta_start, self.beta_end, self.t])
+        self.widget = w.HBox([controls, self.output])
+        self._fig = plt.figure(figsize=(11, 4.5))
+        plt.close(self._fig)  # drawn into the Output widget, not shown again by the notebook
+        self.update()
+
+    def _on_change(self, change) -> None:
+        if change["owner"] is self.num_timesteps:
+            self.t.max = self.num_timesteps.value - 1
+        self.beta_start.disabled = self.beta_end.disabled = self.kind.value == "cosine"
+        self.update()
+
+    def update(self) -> ExplorerState:
+        """Redraw for the current control values and return what is shown."""
+        from IPython.display import display
+
+        self._fig, self.state = draw_schedule_explorer(
+            self.kind.value,
+            self.num_timesteps.value,
+            self.beta_start.value,
+            self.beta_end.value,
+            self.t.value,
+            self.x0,
+            fig=self._fig,
+        )
+        self.output.clear_output(wait=True)
+        with self.output:
+            display(self._fig)
+        return self.state
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
