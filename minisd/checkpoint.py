@@ -30,9 +30,11 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_tensors(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save tensors to a .safetensors file atomically; metadata values are stored as JSON strings."""
+    """Save tensors to a .safetensors file atomically; metadata is stored as JSON strings."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint files end in .safetensors, got {path.name!r}")
@@ -43,7 +45,9 @@ def save_tensors(
     return path
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+def load_tensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Load (tensors, metadata) from a .safetensors file written by `save_tensors`."""
     path = Path(path)
     if not path.is_file():
@@ -55,7 +59,9 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); re-download or retrain it") from err
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); re-download or retrain it"
+        ) from err
     return tensors, {k: json.loads(v) for k, v in raw_meta.items()}
 
 

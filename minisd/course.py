@@ -1,4 +1,4 @@
-"""Course conventions every notebook uses: device, seeding, the quick/full profile, progress bars."""
+"""Course conventions every notebook uses: device, seeding, quick/full profile, progress bars."""
 
 from __future__ import annotations
 

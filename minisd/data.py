@@ -94,7 +94,9 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     payload = memoryview(data)[4 + 4 * ndim :]
     if len(payload) != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: header says {dims}, found {len(payload)} bytes of data")
+        raise ValueError(
+            f"{path} is truncated: header says {dims}, found {len(payload)} bytes of data"
+        )
     return torch.frombuffer(bytearray(payload), dtype=torch.uint8).reshape(dims)
 
 
@@ -178,7 +180,7 @@ def load_fashion_mnist(
     download: bool = True,
     limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST: images (N, 1, 28, 28) in [-1, 1] and labels (N,); see FASHION_MNIST_CLASSES."""
+    """Fashion-MNIST: images (N, 1, 28, 28) in [-1, 1] and labels (N,) (FASHION_MNIST_CLASSES)."""
     return _load_idx(_FASHION, train, root, download, limit)
 
 
@@ -187,12 +189,15 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         batch = pickle.load(f, encoding="latin1")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or not ("labels" in batch or "fine_labels" in batch):
-        raise ValueError(f"{path} is not a CIFAR batch: expected keys 'data' and 'labels', got {sorted(batch)}")
+        raise ValueError(
+            f"{path} is not a CIFAR batch: expected keys 'data' and 'labels', got {sorted(batch)}"
+        )
     data = np.asarray(batch["data"], dtype=np.uint8)
     labels = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise ValueError(
-            f"{path}: 'data' must be (N, 3072) uint8 with N labels, got {data.shape} and {labels.shape}"
+            f"{path}: 'data' must be (N, 3072) uint8 with N labels, "
+            f"got {data.shape} and {labels.shape}"
         )
     return data, labels
 
@@ -228,7 +233,11 @@ def load_cifar10(
 
 
 LOADERS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10}
-CLASS_NAMES = {"mnist": MNIST_CLASSES, "fashion_mnist": FASHION_MNIST_CLASSES, "cifar10": CIFAR10_CLASSES}
+CLASS_NAMES = {
+    "mnist": MNIST_CLASSES,
+    "fashion_mnist": FASHION_MNIST_CLASSES,
+    "cifar10": CIFAR10_CLASSES,
+}
 
 
 def load_dataset(name: str, train: bool = True, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,14 +248,21 @@ def load_dataset(name: str, train: bool = True, **kwargs) -> tuple[torch.Tensor,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m minisd.data", description="Fetch and check a dataset.")
+    parser = argparse.ArgumentParser(
+        prog="python -m minisd.data", description="Fetch and check a dataset."
+    )
     parser.add_argument("name", choices=sorted(LOADERS))
-    parser.add_argument("--root", default=None, help=f"data folder (default: ${DATA_ENV} or the repo's data/)")
+    parser.add_argument(
+        "--root", default=None, help=f"data folder (default: ${DATA_ENV} or the repo's data/)"
+    )
     args = parser.parse_args(argv)
     for train in (True, False):
         x, y = load_dataset(args.name, train=train, root=args.root, download=True)
         split = "train" if train else "test"
-        print(f"{args.name} {split}: images {tuple(x.shape)} in [{x.min():.0f}, {x.max():.0f}], {len(y)} labels")
+        lo, hi = x.min().item(), x.max().item()
+        print(
+            f"{args.name} {split}: images {tuple(x.shape)} in [{lo:.0f}, {hi:.0f}], {len(y)} labels"
+        )
 
 
 if __name__ == "__main__":

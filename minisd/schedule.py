@@ -120,7 +120,9 @@ class NoiseSchedule:
         """Build a schedule from explicit betas (each in (0, 1]; 1 only at the last step)."""
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or betas.numel() < 2:
-            raise ValueError(f"betas must be a 1-D sequence of >= 2 values, got {tuple(betas.shape)}")
+            raise ValueError(
+                f"betas must be a 1-D sequence of >= 2 values, got {tuple(betas.shape)}"
+            )
         self = cls.__new__(cls)
         self.kind = "custom"
         self.zero_terminal_snr = bool(betas[-1] == 1)
@@ -139,11 +141,17 @@ class NoiseSchedule:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=betas.dtype), self.alphas_cumprod[:-1]])
+        self.alphas_cumprod_prev = torch.cat(
+            [torch.ones(1, dtype=betas.dtype), self.alphas_cumprod[:-1]]
+        )
         # DDPM eq. 7: variance and mean coefficients of q(x_{t-1} | x_t, x_0).
         self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
-        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = (
+            betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        )
+        self.posterior_mean_coef2 = (
+            (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+        )
 
     @property
     def num_timesteps(self) -> int:
@@ -161,15 +169,21 @@ class NoiseSchedule:
         """Return t as a long tensor, checking it is integral, in [0, T-1] and fits the batch."""
         t = torch.as_tensor(t)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"timesteps must be integers in [0, {self.num_timesteps - 1}], got dtype {t.dtype}")
+            raise ValueError(
+                f"timesteps must be integers in [0, {self.num_timesteps - 1}], got dtype {t.dtype}"
+            )
         t = t.long()
         if t.numel() and (t.min() < 0 or t.max() >= self.num_timesteps):
             raise ValueError(
-                f"timesteps must lie in [0, {self.num_timesteps - 1}] for this {self.num_timesteps}-step "
+                f"timesteps must lie in [0, {self.num_timesteps - 1}] for this "
+                f"{self.num_timesteps}-step "
                 f"schedule, got range [{t.min().item()}, {t.max().item()}]"
             )
         if batch is not None and t.ndim > 0 and t.shape != (batch,):
-            raise ValueError(f"timesteps must be a scalar or shape ({batch},) to match the batch, got {tuple(t.shape)}")
+            raise ValueError(
+                f"timesteps must be a scalar or shape ({batch},) to match the batch, "
+                f"got {tuple(t.shape)}"
+            )
         if t.ndim > 1:
             raise ValueError(f"timesteps must be a scalar or 1-D, got shape {tuple(t.shape)}")
         return t
@@ -190,10 +204,14 @@ class NoiseSchedule:
         """log SNR(t); -inf at a zero-terminal-SNR step."""
         return self.snr(t).log()
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    def add_noise(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int
+    ) -> torch.Tensor:
         """Sample q(x_t | x_0) in closed form: sqrt(ab_t) x0 + sqrt(1 - ab_t) noise (DDPM eq. 4)."""
         if noise.shape != x0.shape:
-            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+            raise ValueError(
+                f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}"
+            )
         if x0.ndim < 1:
             raise ValueError("x0 must have a batch dimension")
         t = self.check_timesteps(t, batch=x0.shape[0])
@@ -201,25 +219,36 @@ class NoiseSchedule:
         sqrt_one_minus_ab = self._gather((1 - self.alphas_cumprod).sqrt(), t, x0)
         return sqrt_ab * x0 + sqrt_one_minus_ab * noise
 
-    def add_noise_step(self, x_prev: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        """One forward step q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) (DDPM eq. 2)."""
+    def add_noise_step(
+        self, x_prev: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int
+    ) -> torch.Tensor:
+        """One forward step q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) (eq. 2)."""
         if noise.shape != x_prev.shape:
-            raise ValueError(f"noise must have the shape of x_prev {tuple(x_prev.shape)}, got {tuple(noise.shape)}")
+            raise ValueError(
+                f"noise must have the shape of x_prev {tuple(x_prev.shape)}, "
+                f"got {tuple(noise.shape)}"
+            )
         t = self.check_timesteps(t, batch=x_prev.shape[0])
         beta = self._gather(self.betas, t, x_prev)
         return (1 - beta).sqrt() * x_prev + beta.sqrt() * noise
 
-    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    def velocity(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int
+    ) -> torch.Tensor:
         """The v-prediction target sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
         if noise.shape != x0.shape:
-            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+            raise ValueError(
+                f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}"
+            )
         t = self.check_timesteps(t, batch=x0.shape[0])
         sqrt_ab = self._gather(self.alphas_cumprod.sqrt(), t, x0)
         sqrt_one_minus_ab = self._gather((1 - self.alphas_cumprod).sqrt(), t, x0)
         return sqrt_ab * noise - sqrt_one_minus_ab * x0
 
     # ----- what the reverse process needs ------------------------------------------------
-    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    def predict_x0(
+        self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int
+    ) -> torch.Tensor:
         """Invert eq. 4 for x_0 given a noise estimate: (x_t - sqrt(1 - ab) eps) / sqrt(ab)."""
         t = self.check_timesteps(t, batch=x_t.shape[0])
         sqrt_ab = self._gather(self.alphas_cumprod.sqrt(), t, x_t)
@@ -229,12 +258,12 @@ class NoiseSchedule:
     def posterior_mean_variance(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7), variance shaped (B, 1, ...)."""
+        """Mean and variance (shaped (B, 1, ...)) of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7)."""
         if x0.shape != x_t.shape:
             raise ValueError(f"x0 {tuple(x0.shape)} and x_t {tuple(x_t.shape)} must have one shape")
         t = self.check_timesteps(t, batch=x_t.shape[0])
-        mean = self._gather(self.posterior_mean_coef1, t, x_t) * x0 + self._gather(
-            self.posterior_mean_coef2, t, x_t
-        ) * x_t
+        mean = (
+            self._gather(self.posterior_mean_coef1, t, x_t) * x0
+            + self._gather(self.posterior_mean_coef2, t, x_t) * x_t
+        )
         return mean, self._gather(self.posterior_variance, t, x_t)
-

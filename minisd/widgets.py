@@ -1,7 +1,8 @@
-"""Interactive explorers for the notebooks; each redraw is a plain function tested without a browser."""
+"""Interactive explorers for the notebooks; each redraw is a plain function, testable headless."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
@@ -27,11 +28,15 @@ class ExplorerState:
     error: str | None = None
 
 
-def noised_row(schedule: NoiseSchedule, x0: torch.Tensor, timesteps: list[int], seed: int = 0) -> torch.Tensor:
-    """x0 (1, C, H, W) noised to each timestep with the same noise draw: (len(timesteps), C, H, W)."""
+def noised_row(
+    schedule: NoiseSchedule, x0: torch.Tensor, timesteps: list[int], seed: int = 0
+) -> torch.Tensor:
+    """x0 (1, C, H, W) noised to each timestep with one noise draw: (len(timesteps), C, H, W)."""
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     t = torch.tensor(timesteps)
-    return schedule.add_noise(x0.expand(len(t), *x0.shape[1:]), noise.expand(len(t), *x0.shape[1:]), t)
+    return schedule.add_noise(
+        x0.expand(len(t), *x0.shape[1:]), noise.expand(len(t), *x0.shape[1:]), t
+    )
 
 
 def draw_schedule_explorer(
@@ -43,7 +48,7 @@ def draw_schedule_explorer(
     x0: torch.Tensor,
     fig: plt.Figure | None = None,
 ) -> tuple[plt.Figure, ExplorerState]:
-    """Draw the schedule's curves (marked at t) and x0 noised along it; return the figure and state."""
+    """Draw the schedule's curves (marked at t) and x0 noised along it; return figure, state."""
     fig = fig or plt.figure(figsize=(12, 5))
     fig.clear()
     if kind == "cosine":
@@ -75,19 +80,27 @@ class ScheduleExplorer:
 
         self.x0 = x0
         style = {"description_width": "80px"}
-        self.kind = w.Dropdown(options=SCHEDULE_KINDS, value="linear", description="schedule", style=style)
-        self.num_timesteps = w.IntSlider(1000, min=10, max=2000, step=10, description="T", style=style)
-        self.beta_start = w.FloatLogSlider(1e-4, base=10, min=-5, max=-1, description="beta_start", style=style)
-        self.beta_end = w.FloatLogSlider(0.02, base=10, min=-3, max=-0.3, description="beta_end", style=style)
+        self.kind = w.Dropdown(
+            options=SCHEDULE_KINDS, value="linear", description="schedule", style=style
+        )
+        self.num_timesteps = w.IntSlider(
+            1000, min=10, max=2000, step=10, description="T", style=style
+        )
+        self.beta_start = w.FloatLogSlider(
+            1e-4, base=10, min=-5, max=-1, description="beta_start", style=style
+        )
+        self.beta_end = w.FloatLogSlider(
+            0.02, base=10, min=-3, max=-0.3, description="beta_end", style=style
+        )
         self.t = w.IntSlider(250, min=0, max=999, description="t", style=style)
-        self.output = w.Output()
+        self.image = w.Image(format="png")  # the figure as PNG bytes: widget state, not output
         self.state: ExplorerState | None = None
         for control in (self.kind, self.num_timesteps, self.beta_start, self.beta_end, self.t):
             control.observe(self._on_change, names="value")
         controls = w.VBox([self.kind, self.num_timesteps, self.beta_start, self.beta_end, self.t])
-        self.widget = w.HBox([controls, self.output])
+        self.widget = w.HBox([controls, self.image])
         self._fig = plt.figure(figsize=(11, 4.5))
-        plt.close(self._fig)  # drawn into the Output widget, not shown again by the notebook
+        plt.close(self._fig)  # shown through self.image, never by the notebook's own display
         self.update()
 
     def _on_change(self, change) -> None:
@@ -98,8 +111,6 @@ class ScheduleExplorer:
 
     def update(self) -> ExplorerState:
         """Redraw for the current control values and return what is shown."""
-        from IPython.display import display
-
         self._fig, self.state = draw_schedule_explorer(
             self.kind.value,
             self.num_timesteps.value,
@@ -109,9 +120,9 @@ class ScheduleExplorer:
             self.x0,
             fig=self._fig,
         )
-        self.output.clear_output(wait=True)
-        with self.output:
-            display(self._fig)
+        buffer = io.BytesIO()
+        self._fig.savefig(buffer, format="png", dpi=72)
+        self.image.value = buffer.getvalue()
         return self.state
 
     def _ipython_display_(self) -> None:

@@ -1,0 +1,100 @@
+"""Checkers for the notebooks' exercises: each runs the student's answer against the library.
+
+A checker prints one line and returns True (correct) or False (wrong or not attempted), so an
+executed notebook records the verdict and `pytest --nbval` re-checks it on the grader's machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from minisd.schedule import NoiseSchedule
+
+NOT_ATTEMPTED = "not attempted yet: replace `raise NotImplementedError` with your answer"
+
+
+def _report(name: str, ok: bool, detail: str = "") -> bool:
+    print(f"{name}: {'correct' if ok else 'not yet'}" + (f" ({detail})" if detail else ""))
+    return ok
+
+
+def _attempt(name: str, fn: Callable, *args):
+    """Call the student's function; (result, None) or (None, message) if it raised."""
+    try:
+        return fn(*args), None
+    except NotImplementedError:
+        return None, NOT_ATTEMPTED
+    except Exception as err:  # a student's bug is feedback, not a crash of the notebook
+        return None, f"your function raised {type(err).__name__}: {err}"
+
+
+# ----- notebook 01: forward noising ------------------------------------------------------------
+def check_alphas_cumprod(fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Exercise 01.1: fn(betas) -> alpha-bar, the running product of (1 - beta)."""
+    name = "Exercise 1 (alpha-bar from betas)"
+    for kind in ("linear", "cosine"):
+        sched = NoiseSchedule(kind, 1000)
+        got, err = _attempt(name, fn, sched.betas.clone())
+        if err:
+            return _report(name, False, err)
+        got = torch.as_tensor(got, dtype=torch.float64)
+        if got.shape != sched.alphas_cumprod.shape:
+            return _report(
+                name,
+                False,
+                f"expected shape {tuple(sched.alphas_cumprod.shape)}, got {tuple(got.shape)}",
+            )
+        if not torch.allclose(got, sched.alphas_cumprod, rtol=1e-4, atol=1e-6):
+            worst = int((got - sched.alphas_cumprod).abs().argmax())
+            return _report(
+                name,
+                False,
+                f"{kind} schedule differs first badly at t={worst}; hint: torch.cumprod",
+            )
+    return _report(name, True)
+
+
+def check_q_sample(fn: Callable[..., torch.Tensor]) -> bool:
+    """Exercise 01.2: fn(x0, noise, t, alphas_cumprod) -> x_t, the closed form of q(x_t | x_0)."""
+    name = "Exercise 2 (q_sample)"
+    sched = NoiseSchedule("linear", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(5, 1, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 1, 250, 700, 999])
+    want = sched.add_noise(x0, noise, t)
+    got, err = _attempt(name, fn, x0, noise, t, sched.alphas_cumprod.float())
+    if err:
+        return _report(name, False, err)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        return _report(name, False, f"expected a tensor of shape {tuple(want.shape)}, got {shape}")
+    if not torch.allclose(got, want, atol=1e-5):
+        per_item = (got - want).flatten(1).abs().amax(1)
+        bad = t[per_item > 1e-5].tolist()
+        return _report(
+            name,
+            False,
+            f"wrong at t={bad}; hint: index alpha-bar by each item's t, reshape to (B, 1, 1, 1)",
+        )
+    return _report(name, True)
+
+
+def check_snr_crossing(answer: int) -> bool:
+    """Exercise 01.3: the first t at which the linear (DDPM) schedule's SNR drops below 1."""
+    name = "Exercise 3 (where signal and noise are equal)"
+    sched = NoiseSchedule("linear", 1000)
+    snr = sched.snr(torch.arange(1000))
+    want = int((snr < 1).nonzero()[0])
+    if answer is None:
+        return _report(name, False, "not attempted yet: set snr_crossing to your answer")
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        return _report(name, False, f"answer with an int timestep, got {type(answer).__name__}")
+    if answer == want:
+        return _report(name, True, f"SNR({answer}) = {snr[answer].item():.3f}")
+    direction = "later" if answer < want else "earlier"
+    return _report(
+        name, False, f"at t={answer} the SNR is {snr[answer].item():.3f}; look {direction}"
+    )

@@ -1,0 +1,181 @@
+"""Noise schedules: parity with diffusers' DDPMScheduler, invariants of q(x_t | x_0), bad inputs."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from minisd.schedule import DIFFUSERS_NAMES, SCHEDULE_KINDS, NoiseSchedule, make_betas
+
+
+def diffusers_ref(kind: str, T: int = 1000, zero_snr: bool = False) -> DDPMScheduler:
+    sched = NoiseSchedule(kind, T)
+    kwargs = (
+        {}
+        if kind == "cosine"
+        else {
+            "beta_start": sched.betas[0].item() if kind != "scaled_linear" else 0.00085,
+            "beta_end": sched.betas[-1].item() if kind != "scaled_linear" else 0.012,
+        }
+    )
+    if kind == "sigmoid":  # sigmoid(+-6) is not exactly 0/1, so pass the range it was built from
+        kwargs = {"beta_start": 1e-4, "beta_end": 0.02}
+    return DDPMScheduler(
+        num_train_timesteps=T,
+        beta_schedule=DIFFUSERS_NAMES[kind],
+        rescale_betas_zero_snr=zero_snr,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+@pytest.mark.parametrize("kind", SCHEDULE_KINDS)
+def test_alphas_cumprod_and_add_noise_match_diffusers(kind, zero_snr):
+    ref = diffusers_ref(kind, 1000, zero_snr)
+    ours = NoiseSchedule(kind, 1000, zero_terminal_snr=zero_snr)
+    # betas near the end of a zero-SNR schedule are a ratio of nearly equal float32 numbers in
+    # diffusers, so they carry ~1e-5 relative round-off there; alpha-bar is what matters.
+    torch.testing.assert_close(ours.betas.float(), ref.betas, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        ours.alphas_cumprod.float(), ref.alphas_cumprod, rtol=1e-5, atol=1e-6
+    )
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 3, 8, 8, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    torch.testing.assert_close(
+        ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=1e-5, atol=2e-5
+    )
+
+
+def test_scaled_linear_is_stable_diffusions_schedule():
+    # SD v1: linear in sqrt(beta) from 0.00085 to 0.012, so alpha-bar_T is about 0.0047.
+    s = NoiseSchedule("scaled_linear")
+    assert s.betas[0].item() == pytest.approx(0.00085)
+    assert s.betas[-1].item() == pytest.approx(0.012)
+    assert s.betas.sqrt().diff().std() < 1e-12  # equal steps in sqrt(beta)
+    assert s.alphas_cumprod[-1].item() == pytest.approx(0.0047, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", SCHEDULE_KINDS)
+def test_tables_are_consistent(kind):
+    s = NoiseSchedule(kind, 200)
+    assert s.num_timesteps == 200
+    torch.testing.assert_close(s.alphas, 1 - s.betas)
+    torch.testing.assert_close(s.alphas_cumprod, torch.cumprod(s.alphas, 0))
+    assert (s.alphas_cumprod.diff() < 0).all()  # noise only ever grows
+    t = torch.arange(200)
+    torch.testing.assert_close(s.snr(t), s.alphas_cumprod / (1 - s.alphas_cumprod))
+    assert (s.log_snr(t).diff() < 0).all()
+
+
+def test_zero_terminal_snr_ends_in_pure_noise():
+    s = NoiseSchedule("scaled_linear", zero_terminal_snr=True)
+    assert s.alphas_cumprod[-1].item() == 0.0
+    assert s.snr(999).item() == 0.0
+    x0, noise = torch.ones(1, 1, 2, 2), torch.randn(1, 1, 2, 2)
+    torch.testing.assert_close(s.add_noise(x0, noise, 999), noise)
+
+
+def test_add_noise_moments_and_step_by_step_agree():
+    # Noising T steps one at a time (eq. 2) and jumping there in one go (eq. 4) give the same law.
+    s = NoiseSchedule("linear", 100)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.full((20000, 1), 0.7)
+    t = 60
+    x = x0
+    for step in range(t + 1):
+        x = s.add_noise_step(x, torch.randn(x.shape, generator=g), step)
+    direct = s.add_noise(x0, torch.randn(x0.shape, generator=g), torch.full((20000,), t))
+    ab = s.alphas_cumprod[t].item()
+    for sample in (x, direct):
+        assert sample.mean().item() == pytest.approx(ab**0.5 * 0.7, abs=0.02)
+        assert sample.var().item() == pytest.approx(1 - ab, abs=0.03)
+
+
+def test_posterior_matches_diffusers_fixed_small_variance():
+    s = NoiseSchedule("linear", 1000)
+    ref = diffusers_ref("linear")
+    t = torch.tensor([1, 10, 500, 999])
+    g = torch.Generator().manual_seed(2)
+    x0, x_t = torch.randn(4, 1, 3, 3, generator=g), torch.randn(4, 1, 3, 3, generator=g)
+    mean, var = s.posterior_mean_variance(x0, x_t, t)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # DDPM's, built independently
+    for i, ti in enumerate(t.tolist()):
+        beta, ab, ab_prev = betas[ti], (1 - betas[: ti + 1]).prod(), (1 - betas[:ti]).prod()
+        coef_x0 = ab_prev.sqrt() * beta / (1 - ab)  # DDPM eq. 7
+        coef_xt = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
+        torch.testing.assert_close(mean[i], (coef_x0 * x0[i] + coef_xt * x_t[i]).float())
+        beta_tilde = beta * (1 - ab_prev) / (1 - ab)
+        torch.testing.assert_close(var[i].flatten()[0], beta_tilde.float())
+        # diffusers derives beta from a ratio of float32 alpha-bars: ~1e-4 relative round-off
+        torch.testing.assert_close(var[i].flatten()[0], ref._get_variance(ti), rtol=1e-3, atol=1e-9)
+
+
+def test_predict_x0_inverts_add_noise_and_velocity_is_consistent():
+    s = NoiseSchedule("cosine", 1000)
+    x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 400, 900])
+    x_t = s.add_noise(x0, noise, t)
+    torch.testing.assert_close(s.predict_x0(x_t, noise, t), x0, rtol=1e-4, atol=1e-4)
+    ref = diffusers_ref("cosine")
+    torch.testing.assert_close(
+        s.velocity(x0, noise, t), ref.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_from_betas_round_trip():
+    betas = make_betas("linear", 50)
+    s = NoiseSchedule.from_betas(betas.tolist())
+    torch.testing.assert_close(s.alphas_cumprod, NoiseSchedule("linear", 50).alphas_cumprod)
+    assert "custom" in repr(s)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kind": "quadratic"}, "linear, scaled_linear, cosine, sigmoid"),
+        ({"kind": "linear", "num_timesteps": 1}, "num_timesteps"),
+        ({"kind": "linear", "beta_start": 0.0}, r"\(0, 1\)"),
+        ({"kind": "linear", "beta_end": 1.5}, r"\(0, 1\)"),
+        ({"kind": "cosine", "beta_start": 0.1}, "no beta range"),
+    ],
+)
+def test_bad_schedule_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule(**kwargs)
+
+
+def test_bad_betas():
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        NoiseSchedule.from_betas([0.1, -0.2, 0.3])
+    with pytest.raises(ValueError, match="1-D"):
+        NoiseSchedule.from_betas([[0.1, 0.2]])
+
+
+def test_bad_timesteps_and_shapes():
+    s = NoiseSchedule("linear", 10)
+    x0 = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"\[0, 9\].*got range \[0, 10\]"):
+        s.add_noise(x0, torch.zeros_like(x0), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match=r"\[0, 9\]"):
+        s.snr(-1)
+    with pytest.raises(ValueError, match="integers"):
+        s.add_noise(x0, torch.zeros_like(x0), torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        s.add_noise(x0, torch.zeros_like(x0), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="noise must have the shape"):
+        s.add_noise(x0, torch.zeros(2, 1, 4, 5), 3)
+    with pytest.raises(ValueError, match="one shape"):
+        s.posterior_mean_variance(x0, torch.zeros(2, 1, 3, 3), 1)
+
+
+def test_dtype_and_scalar_timestep():
+    s = NoiseSchedule("linear", 10)
+    x0 = torch.zeros(2, 1, 4, 4, dtype=torch.float16)
+    out = s.add_noise(x0, torch.ones_like(x0), 9)
+    assert out.dtype == torch.float16
+    assert torch.allclose(
+        out.float(),
+        torch.full_like(out.float(), (1 - s.alphas_cumprod[9].item()) ** 0.5),
+        atol=1e-3,
+    )
