@@ -1,0 +1,49 @@
+# minisd: `make test`, `make demo`, `make lab`. Each creates .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# The PyTorch build the course is tested with; pip takes it first so the rest never pulls another.
+# Override for other platforms, e.g. `make test TORCH="torch torchvision"`.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+BUILD := build/notebooks
+
+.PHONY: test unit lint demo lab format clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "minisd needs Python >= 3.10 (3.11 recommended)"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## test: lint, unit tests and every notebook under strict nbval (the CI command)
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q --nbval --nbval-current-env --nbval-cell-timeout=600 tests notebooks
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## demo: run the course headless and say where the executed notebooks are
+demo: $(STAMP)
+	@mkdir -p $(BUILD)
+	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir $(BUILD) $(NOTEBOOKS)
+	@echo "Executed notebooks (open with 'make lab' or any Jupyter):"
+	@for nb in $(NOTEBOOKS); do echo "  $(BUILD)/$$(basename $$nb)"; done
+
+## lab: JupyterLab on the course notebooks
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .ruff_cache
