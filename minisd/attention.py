@@ -1,0 +1,177 @@
+"""Attention and the spatial transformer that lets a U-Net read a text prompt (Rombach et al. 2022).
+
+Module and attribute names are CompVis ldm's (`ldm/modules/attention.py`), so a Stable Diffusion
+v1 checkpoint's keys (`...transformer_blocks.0.attn2.to_k.weight`) load without renaming.
+
+Notation (paper -> code):
+    Q = W_Q x, K = W_K c, V = W_V c   -> to_q(x), to_k(context), to_v(context)
+    softmax(Q K^T / sqrt(d)) V         -> F.scaled_dot_product_attention(q, k, v)
+    d (channels per head)              -> dim_head
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ldm's SpatialTransformer normalises with GroupNorm(32, eps=1e-6), not the 1e-5 of its ResBlocks.
+TRANSFORMER_NORM_EPS = 1e-6
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over context; self-attention when context is None."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        kv_dim = query_dim if context_dim is None else context_dim
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(kv_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(kv_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, N, query_dim), context: (B, M, context_dim) or None
+        if context is None:
+            context = x
+        if context.shape[-1] != self.to_k.in_features:
+            what = "context" if context is not x else "x (self-attention: no context was given)"
+            raise ValueError(
+                f"{what}: expected last dim {self.to_k.in_features} (context_dim), "
+                f"got shape {tuple(context.shape)}"
+            )
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N|M, h*d)
+        q, k, v = (self._split_heads(z) for z in (q, k, v))  # (B, h, N|M, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d), scale 1/sqrt(d)
+        out = out.transpose(1, 2).flatten(2)  # (B, N, h*d)
+        return self.to_out(out)  # (B, N, query_dim)
+
+    def _split_heads(self, z: torch.Tensor) -> torch.Tensor:
+        b, n, _ = z.shape
+        return z.view(b, n, self.heads, -1).transpose(1, 2)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection: a * gelu(b) with a, b halves of one Linear (Shazeer 2020)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)  # (..., dim_out) each
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """The transformer MLP as ldm builds it: GEGLU (dim -> mult*dim), dropout, Linear back."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner_dim = dim * mult
+        self.net = nn.Sequential(
+            GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention and feed-forward, each with a residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        d_head: int,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, n_heads, d_head, dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        # Without a context_dim attn2 is a second self-attention (as in ldm), so every
+        # configuration keeps Stable Diffusion's key layout.
+        self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, N, dim), context: (B, M, context_dim) or None
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """A transformer over the pixels of a feature map, wrapped in 1x1 convs and a residual."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_heads: int,
+        d_head: int,
+        depth: int = 1,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        inner_dim = n_heads * d_head
+        self.context_dim = context_dim
+        self.norm = nn.GroupNorm(norm_groups, in_channels, eps=TRANSFORMER_NORM_EPS)
+        # SD v1 projects with 1x1 convs; SD v2 switched to Linear (use_linear_in_transformer).
+        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim)
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
+        # Zero-init so the block starts as the identity (ldm's zero_module).
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, C, H, W), context: (B, M, context_dim) or None
+        check_context(context, self.context_dim, x.shape[0])
+        b, _, h, w = x.shape
+        hidden = self.proj_in(self.norm(x))  # (B, D, H, W)
+        hidden = hidden.flatten(2).transpose(1, 2)  # (B, H*W, D)
+        for block in self.transformer_blocks:
+            hidden = block(hidden, context)
+        hidden = hidden.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, H, W)
+        return x + self.proj_out(hidden)
+
+
+def check_context(context: torch.Tensor | None, context_dim: int | None, batch: int) -> None:
+    """Raise a ValueError unless context is (batch, M, context_dim), or None when context_dim is."""
+    if context_dim is None:
+        if context is not None:
+            raise ValueError(
+                "this model has no cross-attention (context_dim=None) but got a context of shape "
+                f"{tuple(context.shape)}; pass context=None or build the model with a context_dim"
+            )
+        return
+    if context is None:
+        raise ValueError(
+            f"this model cross-attends to a context of shape (B, M, {context_dim}), got None; pass "
+            "the text encoder's output (the empty prompt's embedding for an unconditional step)"
+        )
+    if context.ndim != 3 or context.shape[-1] != context_dim:
+        raise ValueError(
+            f"context must have shape (B, M, {context_dim}): expected last dim {context_dim}, "
+            f"got shape {tuple(context.shape)}"
+        )
+    if context.shape[0] != batch:
+        raise ValueError(f"context batch {context.shape[0]} must equal the input batch {batch}")

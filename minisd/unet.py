@@ -1,0 +1,398 @@
+"""The denoising U-Net eps_theta(x_t, t, c) from MNIST to Stable Diffusion v1 (Rombach et al. 2022).
+
+One class, `UNetModel`, with presets `TINY`, `MNIST`, `CIFAR` and `SD_V1`. Attribute names are
+CompVis ldm's (`ldm/modules/diffusionmodules/openaimodel.py`), so `UNetModel(SD_V1)`'s state-dict
+keys equal the SD v1 checkpoint's keys after the prefix `model.diffusion_model.` is stripped.
+
+Layout (ldm numbering): `input_blocks[0]` is the stem conv; then per level `num_res_blocks`
+ResBlocks (each followed by a SpatialTransformer where attention is on) and, except at the last
+level, a Downsample. `output_blocks` mirror them with `num_res_blocks + 1` blocks per level, each
+eating one skip connection, and an Upsample closing every level but the top one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisd.attention import SpatialTransformer, check_context
+
+# ldm passes t through sin/cos features of period up to 10000 (Vaswani et al. 2017).
+MAX_PERIOD = 10_000
+# The time-embedding MLP widens model_channels by 4 (DDPM's choice, kept by ldm and SD).
+TIME_EMBED_MULT = 4
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of `UNetModel`, named as in ldm's `unet_config.params`.
+
+    attention_resolutions are downsampling factors (1 = full resolution, 2 = after one
+    Downsample, ...). num_heads == -1 means "use num_head_channels"; if both are set
+    num_head_channels wins, as in ldm. context_dim None: no text, attn2 is self-attention.
+    num_classes: adds `label_emb` with one extra row, index num_classes, the null class.
+    """
+
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    num_res_blocks: int
+    attention_resolutions: tuple[int, ...]
+    channel_mult: tuple[int, ...]
+    num_heads: int = -1
+    num_head_channels: int = -1
+    dropout: float = 0.0
+    context_dim: int | None = None
+    transformer_depth: int = 1
+    num_classes: int | None = None
+    norm_num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be positive ints, got {self.channel_mult}")
+        if self.model_channels % self.norm_num_groups:
+            raise ValueError(
+                f"model_channels {self.model_channels} must divide by norm_num_groups "
+                f"{self.norm_num_groups}; lower norm_num_groups (e.g. 8) for small models"
+            )
+        factors = {2**i for i in range(len(self.channel_mult))}
+        if not set(self.attention_resolutions) <= factors:
+            raise ValueError(
+                f"attention_resolutions are downsampling factors; with {len(self.channel_mult)} "
+                f"levels choose from {sorted(factors)}, got {self.attention_resolutions}"
+            )
+        for name in ("context_dim", "num_classes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+        if self.transformer_depth < 1 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError("transformer_depth must be >= 1 and dropout in [0, 1)")
+        if self.num_heads == -1 and self.num_head_channels == -1:
+            raise ValueError("set num_heads or num_head_channels")
+        for ch in self._attention_channels():
+            self.heads(ch)
+
+    def _attention_channels(self) -> set[int]:
+        mults = [m for i, m in enumerate(self.channel_mult) if 2**i in self.attention_resolutions]
+        return {self.model_channels * m for m in mults + [self.channel_mult[-1]]}
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(number of heads, channels per head) of a SpatialTransformer over `channels`.
+
+        As ldm with a spatial transformer: num_heads fixes the head count at every level
+        (SD v1: 8 heads of 40, 80, 160 channels); num_head_channels fixes the head width.
+        """
+        split = self.num_head_channels if self.num_head_channels != -1 else self.num_heads
+        if split < 1 or channels % split:
+            what = "num_head_channels" if self.num_head_channels != -1 else "num_heads"
+            raise ValueError(
+                f"an attention level has {channels} channels: not divisible by {what}={split}"
+            )
+        if self.num_head_channels != -1:
+            return channels // split, split
+        return split, channels // split
+
+    @property
+    def downsample_factor(self) -> int:
+        """Input height and width must be multiples of this (one halving per extra level)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+# For tests: 2 levels, 8 and 16 channels, attention at the downsampled level.
+TINY = UNetConfig(
+    in_channels=3,
+    out_channels=3,
+    model_channels=8,
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    channel_mult=(1, 2),
+    num_head_channels=8,
+    norm_num_groups=4,
+)
+# 28x28 digits: 28 -> 14 -> 7 allows two downsamplings; attention at 7x7 (factor 4).
+# For class-conditional lessons use dataclasses.replace(MNIST, num_classes=10).
+MNIST = UNetConfig(
+    in_channels=1,
+    out_channels=1,
+    model_channels=32,
+    num_res_blocks=2,
+    attention_resolutions=(4,),
+    channel_mult=(1, 2, 2),
+    num_head_channels=32,
+    norm_num_groups=8,
+)
+# 32x32 colour images: 32 -> 16 -> 8, attention at 16x16 and 8x8.
+CIFAR = UNetConfig(
+    in_channels=3,
+    out_channels=3,
+    model_channels=64,
+    num_res_blocks=2,
+    attention_resolutions=(2, 4),
+    channel_mult=(1, 2, 2),
+    num_head_channels=32,
+    norm_num_groups=32,
+)
+# CompVis configs/stable-diffusion/v1-inference.yaml, unet_config.params.
+SD_V1 = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    num_res_blocks=2,
+    attention_resolutions=(4, 2, 1),
+    channel_mult=(1, 2, 4, 4),
+    num_heads=8,
+    context_dim=768,
+    transformer_depth=1,
+)
+# Known parameter count of the SD v1 U-Net (checked in tests on the meta device).
+SD_V1_NUM_PARAMS = 859_520_964
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = MAX_PERIOD) -> torch.Tensor:
+    """Sinusoidal features of (maybe fractional) timesteps, (B,) -> (B, dim); cos first, as ldm."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)  # (half,)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    return F.pad(emb, (0, dim % 2))  # (B, dim): odd dims get a zero column
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters so its residual branch starts switched off (ldm's zero_module)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between (DDPM's ResNet block)."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float = 0.0,
+        out_channels: int | None = None,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(norm_groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(norm_groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        same = out_channels == channels
+        self.skip_connection = nn.Identity() if same else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W), emb: (B, E)
+        h = self.in_layers(x)  # (B, C', H, W)
+        h = h + self.emb_layers(emb)[:, :, None, None]  # (B, C', 1, 1) broadcast
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Halve height and width with a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Double height and width: nearest-neighbour, then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential that hands emb to ResBlocks and context to SpatialTransformers."""
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+def _res_and_attention(cfg: UNetConfig, in_ch: int, out_ch: int, factor: int) -> list[nn.Module]:
+    """A ResBlock in_ch -> out_ch, plus a SpatialTransformer if `factor` has attention."""
+    emb_dim = cfg.model_channels * TIME_EMBED_MULT
+    layers: list[nn.Module] = [ResBlock(in_ch, emb_dim, cfg.dropout, out_ch, cfg.norm_num_groups)]
+    if factor in cfg.attention_resolutions:
+        layers.append(_transformer(cfg, out_ch))
+    return layers
+
+
+def _transformer(cfg: UNetConfig, channels: int) -> SpatialTransformer:
+    n_heads, d_head = cfg.heads(channels)
+    depth, groups = cfg.transformer_depth, cfg.norm_num_groups
+    return SpatialTransformer(
+        channels, n_heads, d_head, depth, cfg.dropout, cfg.context_dim, groups
+    )
+
+
+def _input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder, and the channel count of each skip connection it leaves behind."""
+    ch = cfg.model_channels
+    blocks = [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))]
+    skip_channels = [ch]
+    for level, mult in enumerate(cfg.channel_mult):
+        factor = 2**level
+        for _ in range(cfg.num_res_blocks):
+            out_ch = cfg.model_channels * mult
+            blocks.append(TimestepEmbedSequential(*_res_and_attention(cfg, ch, out_ch, factor)))
+            ch = out_ch
+            skip_channels.append(ch)
+        if level < len(cfg.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+    return nn.ModuleList(blocks), skip_channels
+
+
+def _output_blocks(cfg: UNetConfig, skip_channels: list[int]) -> nn.ModuleList:
+    """The decoder: every block concatenates one skip connection (popped in reverse)."""
+    skips = list(skip_channels)
+    ch = cfg.model_channels * cfg.channel_mult[-1]
+    blocks = []
+    for level in reversed(range(len(cfg.channel_mult))):
+        out_ch = cfg.model_channels * cfg.channel_mult[level]
+        for i in range(cfg.num_res_blocks + 1):
+            layers = _res_and_attention(cfg, ch + skips.pop(), out_ch, 2**level)
+            ch = out_ch
+            if level > 0 and i == cfg.num_res_blocks:
+                layers.append(Upsample(ch))
+            blocks.append(TimestepEmbedSequential(*layers))
+    return nn.ModuleList(blocks)
+
+
+class UNetModel(nn.Module):
+    """eps_theta(x_t, t, context, y): ldm's UNetModel, conditioned on time, text and class."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        emb_dim = cfg.model_channels * TIME_EMBED_MULT
+        self.time_embed = nn.Sequential(
+            nn.Linear(cfg.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        if cfg.num_classes is not None:
+            # The extra last row is the null class, the "no label" input of classifier-free
+            # guidance (Ho & Salimans 2022); ldm's label_emb has num_classes rows, no null row.
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)
+        self.input_blocks, skip_channels = _input_blocks(cfg)
+        ch = cfg.model_channels * cfg.channel_mult[-1]
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, cfg.dropout, ch, cfg.norm_num_groups),
+            _transformer(cfg, ch),
+            ResBlock(ch, emb_dim, cfg.dropout, ch, cfg.norm_num_groups),
+        )
+        self.output_blocks = _output_blocks(cfg, skip_channels)
+        self.out = nn.Sequential(
+            nn.GroupNorm(cfg.norm_num_groups, cfg.model_channels),
+            nn.SiLU(),
+            _zero(nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1)),
+        )
+
+    @property
+    def null_class(self) -> int:
+        """The label that means "no class" (for classifier-free guidance)."""
+        if self.config.num_classes is None:
+            raise ValueError("this model is not class-conditional (num_classes=None)")
+        return self.config.num_classes
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | int,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Map x_t (B, C, H, W) at timesteps t (scalar or (B,)) to (B, out_channels, H, W)."""
+        t = self._check_inputs(x, t, context, y)
+        t_emb = timestep_embedding(t, self.config.model_channels)  # (B, model_channels)
+        emb = self.time_embed(t_emb.to(x.dtype))  # (B, 4*model_channels)
+        if y is not None:
+            emb = emb + self.label_emb(y)
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, H, W)
+        return self.out(h)
+
+    def _check_inputs(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | int,
+        context: torch.Tensor | None,
+        y: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Raise a ValueError for any malformed input; return t as a (B,) tensor."""
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {cfg.in_channels}, H, W) for this model "
+                f"(in_channels={cfg.in_channels}), got {tuple(x.shape)}"
+            )
+        k = cfg.downsample_factor
+        if x.shape[-2] % k or x.shape[-1] % k:
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} must be a multiple of {k} in height and width "
+                f"({len(cfg.channel_mult) - 1} downsamplings); pad or resize the images"
+            )
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be a scalar or shape ({x.shape[0]},), got {tuple(t.shape)}")
+        check_context(context, cfg.context_dim, x.shape[0])
+        self._check_labels(y, x.shape[0])
+        return t
+
+    def _check_labels(self, y: torch.Tensor | None, batch: int) -> None:
+        n = self.config.num_classes
+        if n is None:
+            if y is not None:
+                raise ValueError("model is not class-conditional (num_classes=None); pass y=None")
+            return
+        if y is None:
+            raise ValueError(
+                f"this model is class-conditional: pass y of shape ({batch},) with labels in "
+                f"[0, {n - 1}], or {n} (model.null_class) for no class"
+            )
+        if y.shape != (batch,) or y.is_floating_point() or y.min() < 0 or y.max() > n:
+            raise ValueError(
+                f"y must be {batch} integer labels in [0, {n}] ({n} = null class), "
+                f"got shape {tuple(y.shape)}, dtype {y.dtype}"
+            )

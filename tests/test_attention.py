@@ -1,0 +1,82 @@
+"""minisd.attention against diffusers at identical weights, plus its input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from minisd.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
+    """Overwrite every parameter with noise so zero-inits and defaults cannot hide a mismatch."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@pytest.mark.parametrize("context_dim", [None, 12])
+def test_cross_attention_matches_diffusers(context_dim: int | None) -> None:
+    ours = CrossAttention(16, context_dim, heads=2, dim_head=8).eval()
+    ref = Attention(16, cross_attention_dim=context_dim, heads=2, dim_head=8).eval()
+    _randomize(ours)
+    ref.load_state_dict(ours.state_dict())  # strict: to_q, to_k, to_v, to_out.0 line up
+    x = torch.randn(2, 5, 16)
+    context = None if context_dim is None else torch.randn(2, 7, context_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, context), ref(x, encoder_hidden_states=context))
+
+
+@pytest.mark.parametrize("context_dim", [None, 12])
+def test_spatial_transformer_matches_diffusers(context_dim: int | None) -> None:
+    ours = SpatialTransformer(16, 2, 8, depth=2, context_dim=context_dim, norm_groups=4).eval()
+    # Without text ldm's attn2 is a second self-attention: diffusers' double_self_attention.
+    ref = Transformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=16,
+        num_layers=2,
+        norm_num_groups=4,
+        cross_attention_dim=context_dim,
+        double_self_attention=context_dim is None,
+        use_linear_projection=False,
+    ).eval()
+    _randomize(ours)
+    # The key names are SD's in both, so no mapping is needed: a strict load is the check.
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 4, 6)
+    context = None if context_dim is None else torch.randn(2, 7, context_dim)
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=context, return_dict=False)[0]
+        torch.testing.assert_close(ours(x, context), want, rtol=1e-4, atol=1e-5)
+
+
+def test_transformer_block_keeps_sd_key_layout_without_text() -> None:
+    keys = set(BasicTransformerBlock(16, 2, 8).state_dict())
+    for name in ("attn1.to_q.weight", "attn2.to_k.weight", "attn2.to_out.0.bias", "norm2.weight"):
+        assert name in keys
+    assert {"ff.net.0.proj.weight", "ff.net.2.weight", "norm3.bias"} <= keys
+
+
+def test_spatial_transformer_starts_as_identity() -> None:
+    x = torch.randn(1, 16, 4, 4)
+    block = SpatialTransformer(16, 2, 8, context_dim=12, norm_groups=4)
+    torch.testing.assert_close(block(x, torch.randn(1, 3, 12)), x)
+
+
+def test_context_dim_mismatch_says_expected_and_got() -> None:
+    block = SpatialTransformer(16, 2, 8, context_dim=12, norm_groups=4)
+    x = torch.randn(1, 16, 4, 4)
+    with pytest.raises(ValueError, match=r"expected last dim 12.*\(1, 3, 10\)"):
+        block(x, torch.randn(1, 3, 10))
+    with pytest.raises(ValueError, match="got None"):
+        block(x, None)
+    with pytest.raises(ValueError, match="context batch 2"):
+        block(x, torch.randn(2, 3, 12))
+    with pytest.raises(ValueError, match="no cross-attention"):
+        SpatialTransformer(16, 2, 8, norm_groups=4)(x, torch.randn(1, 3, 12))
+    with pytest.raises(ValueError, match="last dim 12"):
+        CrossAttention(16, 12, heads=2, dim_head=8)(torch.randn(1, 5, 16), torch.randn(1, 3, 16))

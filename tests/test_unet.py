@@ -1,0 +1,242 @@
+"""minisd.unet: SD v1's layout, parity with diffusers' U-Net at identical weights, input checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from diffusers.models.embeddings import get_timestep_embedding
+
+from minisd.schedule import NoiseSchedule
+from minisd.unet import (
+    MNIST,
+    SD_V1,
+    SD_V1_NUM_PARAMS,
+    TINY,
+    UNetConfig,
+    UNetModel,
+    timestep_embedding,
+)
+
+# The SD v1 checkpoint stores the U-Net under this prefix; diffusers' converter expects it.
+LDM_PREFIX = "model.diffusion_model."
+
+
+def _num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Overwrite every parameter with noise: zero-initialised outputs would make parity trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def _sd_v1_on_meta() -> UNetModel:
+    with torch.device("meta"):  # shapes only, no memory: building 860M parameters takes ~0.1 s
+        return UNetModel(SD_V1)
+
+
+# ----- timestep embedding --------------------------------------------------------------------
+@pytest.mark.parametrize("dim", [8, 7, 320])
+def test_timestep_embedding_matches_diffusers_sd_convention(dim: int) -> None:
+    t = torch.tensor([0.0, 1.0, 17.5, 999.0])
+    # SD's diffusers config uses flip_sin_to_cos=True, freq_shift=0: exactly ldm's cos-then-sin.
+    want = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(timestep_embedding(t, dim), want)
+
+
+def test_timestep_embedding_puts_cos_first() -> None:
+    emb = timestep_embedding(torch.zeros(1), 6)
+    torch.testing.assert_close(emb, torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]]))
+
+
+# ----- the Stable Diffusion v1 layout -------------------------------------------------------------
+def test_sd_v1_has_the_known_parameter_count() -> None:
+    assert _num_params(_sd_v1_on_meta()) == SD_V1_NUM_PARAMS == 859_520_964
+
+
+def test_sd_v1_state_dict_uses_checkpoint_key_names() -> None:
+    sd = _sd_v1_on_meta().state_dict()
+    assert len(sd) == 686  # tensors under model.diffusion_model. in sd-v1-4.ckpt
+    shapes = {
+        "time_embed.0.weight": (1280, 320),
+        "time_embed.2.weight": (1280, 1280),
+        "input_blocks.0.0.weight": (320, 4, 3, 3),
+        "input_blocks.1.0.emb_layers.1.weight": (320, 1280),
+        "input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+        "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight": (2560, 320),
+        "input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+        "middle_block.1.transformer_blocks.0.attn1.to_out.0.weight": (1280, 1280),
+        "middle_block.2.out_layers.3.weight": (1280, 1280, 3, 3),
+        "output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+        "output_blocks.11.1.proj_out.weight": (320, 320, 1, 1),
+        "out.0.weight": (320,),
+        "out.2.weight": (4, 320, 3, 3),
+    }
+    for key, shape in shapes.items():
+        assert tuple(sd[key].shape) == shape, key
+
+
+def test_sd_v1_keys_convert_one_to_one_onto_diffusers() -> None:
+    """diffusers' ldm->diffusers converter must fill every key of its SD v1 U-Net, shapes equal."""
+    ours = {LDM_PREFIX + k: v for k, v in _sd_v1_on_meta().state_dict().items()}
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(cross_attention_dim=768)  # the other defaults are SD v1's
+    converted = convert_ldm_unet_checkpoint(ours, dict(ref.config))
+    want = ref.state_dict()
+    assert set(converted) == set(want)
+    assert all(converted[k].shape == want[k].shape for k in want)
+    assert len(converted) == len(ours)
+
+
+def test_tiny_unet_matches_diffusers_at_identical_weights() -> None:
+    """Full forward parity (time, text and class conditioning, skips) via diffusers' converter."""
+    cfg = dataclasses.replace(
+        TINY, num_res_blocks=2, attention_resolutions=(1, 2), context_dim=12, num_classes=3
+    )
+    ours = UNetModel(cfg).eval()
+    _randomize(ours)
+    ref = UNet2DConditionModel(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=(1, 2),  # diffusers' legacy name for the number of heads
+        norm_num_groups=4,
+        num_class_embeds=cfg.num_classes + 1,  # our null class is the extra row
+    ).eval()
+    ldm_sd = {LDM_PREFIX + k: v for k, v in ours.state_dict().items()}
+    ref.load_state_dict(convert_ldm_unet_checkpoint(ldm_sd, dict(ref.config)))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 250])
+    context, y = torch.randn(2, 5, 12), torch.tensor([1, ours.null_class])
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=context, class_labels=y, return_dict=False)[0]
+        torch.testing.assert_close(ours(x, t, context, y), want, rtol=1e-4, atol=1e-4)
+
+
+# ----- shapes, presets and invariants -------------------------------------------------------------
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_output_has_the_input_shape(channels: int) -> None:
+    model = UNetModel(dataclasses.replace(TINY, in_channels=channels, out_channels=channels))
+    x = torch.randn(2, channels, 8, 12)
+    assert model(x, torch.tensor([0, 99])).shape == x.shape
+
+
+def test_out_channels_can_differ_from_in_channels() -> None:
+    model = UNetModel(dataclasses.replace(TINY, in_channels=4, out_channels=8))
+    assert model(torch.randn(1, 4, 8, 8), 5).shape == (1, 8, 8, 8)
+
+
+def test_presets_have_the_advertised_sizes() -> None:
+    assert _num_params(UNetModel(TINY)) < 100_000
+    mnist = UNetModel(MNIST)
+    assert 2_000_000 < _num_params(mnist) < 4_000_000
+    assert mnist(torch.randn(1, 1, 28, 28), 10).shape == (1, 1, 28, 28)
+
+
+def test_scalar_timestep_broadcasts_over_the_batch() -> None:
+    model = UNetModel(TINY).eval()
+    _randomize(model)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, 7), model(x, torch.full((3,), 7)))
+
+
+def test_eval_mode_is_deterministic_and_dropout_is_wired() -> None:
+    model = UNetModel(dataclasses.replace(TINY, dropout=0.5))
+    _randomize(model)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 50])
+    with torch.no_grad():
+        assert not torch.equal(model.train()(x, t), model(x, t))
+        assert torch.equal(model.eval()(x, t), model(x, t))
+
+
+def test_class_conditioning_has_a_null_class() -> None:
+    model = UNetModel(dataclasses.replace(TINY, num_classes=10))
+    assert model.null_class == 10 and model.label_emb.num_embeddings == 11
+    _randomize(model)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 50])
+    with torch.no_grad():
+        assert not torch.allclose(
+            model(x, t, y=torch.tensor([3, 3])), model(x, t, y=torch.full((2,), 10))
+        )
+
+
+def test_loss_falls_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    model = UNetModel(TINY)
+    schedule = NoiseSchedule("linear", 100)
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([5, 30, 60, 95])
+    x_t = schedule.add_noise(x0, noise, t)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(model(x_t, t), noise)  # epsilon prediction (DDPM eq. 14)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ----- helpful errors -------------------------------------------------------------------------
+def test_bad_inputs_raise_helpful_errors() -> None:
+    model = UNetModel(TINY)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*got \(2, 1, 8, 8\)"):
+        model(torch.randn(2, 1, 8, 8), t)
+    with pytest.raises(ValueError, match=r"\(9, 8\) must be a multiple of 2.*pad or resize"):
+        model(torch.randn(2, 3, 9, 8), t)
+    with pytest.raises(ValueError, match=r"\(30, 30\) must be a multiple of 4"):
+        UNetModel(MNIST)(torch.randn(1, 1, 30, 30), 0)
+    with pytest.raises(ValueError, match=r"t must be a scalar or shape \(2,\)"):
+        model(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="no cross-attention"):
+        model(x, t, context=torch.randn(2, 4, 12))
+    with pytest.raises(ValueError, match="not class-conditional"):
+        model(x, t, y=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"expected last dim 12, got shape \(2, 4, 10\)"):
+        UNetModel(dataclasses.replace(TINY, context_dim=12))(x, t, torch.randn(2, 4, 10))
+
+
+def test_bad_labels_raise_helpful_errors() -> None:
+    model = UNetModel(dataclasses.replace(TINY, num_classes=10))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"pass y of shape \(2,\).*10 \(model.null_class\)"):
+        model(x, t)
+    with pytest.raises(ValueError, match=r"labels in \[0, 10\]"):
+        model(x, t, y=torch.tensor([0, 11]))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"norm_num_groups": 32}, "lower norm_num_groups"),
+        ({"attention_resolutions": (4,)}, r"choose from \[1, 2\], got \(4,\)"),
+        ({"num_head_channels": 3}, "not divisible by num_head_channels=3"),
+        ({"num_head_channels": -1}, "set num_heads or num_head_channels"),
+        ({"channel_mult": ()}, "channel_mult"),
+    ],
+)
+def test_bad_configs_raise_helpful_errors(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY, **changes)
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TINY.model_channels = 16  # type: ignore[misc]
+    assert isinstance(SD_V1, UNetConfig)
