@@ -1,0 +1,351 @@
+"""Samplers for the reverse process: DDPM ancestral sampling and DDIM.
+
+Every sampler is a pure function over a callable `eps_fn(x, t) -> eps`, with t a long tensor of
+shape (B,) holding 0-indexed timesteps in [0, T-1] (as in diffusers). Randomness comes only from
+the `generator` argument, so a seeded generator makes a sample reproducible.
+
+Notation (paper -> code). DDIM writes alpha_t for what DDPM (and this code) calls alpha-bar_t:
+    x_t                      -> x_t                          (B, C, H, W), or any (B, ...)
+    eps_theta(x_t, t)        -> eps
+    x_0 predicted from x_t   -> x0_pred                      (DDPM eq. 15, DDIM eq. 9)
+    alpha-bar_t              -> ab_t = schedule.alphas_cumprod[t]
+    alpha-bar_{t_prev}       -> ab_prev                      (the step's target noise level)
+    sigma_t^2                -> variance; sigma_t -> sigma   (DDPM sec. 3.2, DDIM eq. 16)
+    eta                      -> eta                          (0: DDIM, 1: DDPM-like)
+    z ~ N(0, I)              -> noise
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from minisd.course import progress as progress_bar
+from minisd.schedule import NoiseSchedule
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[dict[str, Any]], None]
+
+VARIANCES: tuple[str, ...] = ("fixed_small", "fixed_large")
+SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
+# diffusers clamps beta-tilde away from 0 (it is 0 at t = 0) because some variants take its log.
+MIN_POSTERIOR_VARIANCE = 1e-20
+# ldm's DDIM sampler adds 1 to its timesteps "to get the final alpha values right", so SD v1's
+# scheduler config sets steps_offset=1: 50 "leading" steps run t = 981, 961, ..., 1 (not 980..0).
+SD_V1_STEPS_OFFSET = 1
+
+
+# ----- small helpers --------------------------------------------------------------------------
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Scalar or (B,) float64 values as (B, 1, ...) in `like`'s dtype and device."""
+    values = values.to(device=like.device, dtype=like.dtype)
+    return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_like(name: str, tensor: torch.Tensor, x_t: torch.Tensor, hint: str = "") -> None:
+    if tensor.shape != x_t.shape:
+        raise ValueError(
+            f"{name} must have the shape of x_t {tuple(x_t.shape)}, got {tuple(tensor.shape)}{hint}"
+        )
+
+
+def _check_clip(clip_x0: float | None) -> None:
+    if clip_x0 is not None and not clip_x0 > 0:
+        raise ValueError(f"clip_x0 must be None (no clipping) or a positive range, got {clip_x0!r}")
+
+
+def _check_eta(eta: float) -> None:
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
+
+
+def _check_final_alpha_cumprod(value: float | None) -> None:
+    if value is not None and not 0 < value <= 1:
+        raise ValueError(
+            f"final_alpha_cumprod must lie in (0, 1], or be None for alphas_cumprod[0]; "
+            f"got {value!r}"
+        )
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn on the generator's device (as diffusers does)."""
+    device = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _predict_x0(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor,
+    clip_x0: float | None,
+) -> torch.Tensor:
+    x0_pred = schedule.predict_x0(x_t, eps, t)
+    # Clipping x0 to the data range keeps early, noisy predictions from overshooting.
+    return x0_pred if clip_x0 is None else x0_pred.clamp(-clip_x0, clip_x0)
+
+
+def _call_eps_fn(eps_fn: EpsFn, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
+    eps = eps_fn(x, t_batch)
+    _check_like("eps_fn(x, t)", eps, x, "; eps_fn must return one noise estimate per pixel")
+    return eps, t_batch
+
+
+# ----- v-prediction ---------------------------------------------------------------------------
+@torch.no_grad()
+def eps_from_v(
+    v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule
+) -> torch.Tensor:
+    """Noise from a v-prediction: sqrt(ab) v + sqrt(1 - ab) x_t (Salimans & Ho 2022, sec. 4)."""
+    _check_like("v", v, x_t)
+    t = schedule.check_timesteps(t, batch=x_t.shape[0])
+    ab_t = schedule.alphas_cumprod[t.cpu()]
+    return _per_sample(ab_t.sqrt(), x_t) * v + _per_sample((1 - ab_t).sqrt(), x_t) * x_t
+
+
+def v_to_eps_fn(v_fn: EpsFn, schedule: NoiseSchedule) -> EpsFn:
+    """Wrap a v-prediction model `v_fn(x, t)` as an `eps_fn(x, t)` the samplers accept."""
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return eps_from_v(v_fn(x, t), x, t, schedule)
+
+    return eps_fn
+
+
+# ----- DDPM -----------------------------------------------------------------------------------
+def _ddpm_step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor | int,
+    noise: torch.Tensor | None,
+    variance: str,
+    clip_x0: float | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDPM step; returns (x_{t-1}, x0_pred)."""
+    _check_choice("variance", variance, VARIANCES)
+    _check_clip(clip_x0)
+    _check_like("eps", eps, x_t)
+    t = schedule.check_timesteps(t, batch=x_t.shape[0])
+    x0_pred = _predict_x0(schedule, x_t, eps, t, clip_x0)
+    mean, _ = schedule.posterior_mean_variance(x0_pred, x_t, t)  # DDPM eq. 7
+    t_cpu = t.cpu()
+    if not (t_cpu > 0).any():
+        return mean, x0_pred  # the last step (t = 0) adds no noise
+    if variance == "fixed_small":  # sigma_t^2 = beta-tilde_t, the posterior's own variance
+        var_t = schedule.posterior_variance[t_cpu].clamp(min=MIN_POSTERIOR_VARIANCE)
+    else:  # "fixed_large": sigma_t^2 = beta_t, the upper bound (DDPM sec. 3.2)
+        var_t = schedule.betas[t_cpu]
+    sigma = var_t.sqrt() * (t_cpu > 0)
+    if noise is None:
+        noise = _randn_like(x_t, generator)
+    _check_like("noise", noise, x_t)
+    return mean + _per_sample(sigma, x_t) * noise, x0_pred
+
+
+@torch.no_grad()
+def ddpm_step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor | int,
+    noise: torch.Tensor | None = None,
+    variance: str = "fixed_small",
+    clip_x0: float | None = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """x_{t-1} from x_t: one ancestral step via x0_pred and the posterior mean (DDPM, Alg. 2).
+
+    `noise` (shaped like x_t) is drawn from `generator` when None; none is added where t == 0.
+    """
+    return _ddpm_step(schedule, x_t, eps, t, noise, variance, clip_x0, generator)[0]
+
+
+@torch.no_grad()
+def sample_ddpm(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    variance: str = "fixed_small",
+    clip_x0: float | None = 1.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling through all T steps, t = T-1, ..., 0 (Ho et al. 2020, Alg. 2)."""
+    _check_choice("variance", variance, VARIANCES)
+    _check_clip(clip_x0)
+    x = x_T
+    timesteps = range(schedule.num_timesteps - 1, -1, -1)
+    for i, t in enumerate(progress_bar(timesteps, progress, desc="DDPM")):
+        eps, t_batch = _call_eps_fn(eps_fn, x, t)
+        noise = _randn_like(x, generator) if t > 0 else None
+        x_prev, x0_pred = _ddpm_step(schedule, x, eps, t_batch, noise, variance, clip_x0, None)
+        if callback is not None:
+            callback({"i": i, "t": t, "x_t": x, "x0_pred": x0_pred, "eps": eps, "x_prev": x_prev})
+        x = x_prev
+    return x
+
+
+# ----- DDIM -----------------------------------------------------------------------------------
+def ddim_timesteps(
+    num_train_timesteps: int,
+    num_steps: int,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+) -> torch.Tensor:
+    """Descending (num_steps,) timesteps as diffusers' DDIM (spacings of Lin et al. 2023, tab. 2).
+
+    Like diffusers, only "leading" adds `steps_offset` (SD v1 uses SD_V1_STEPS_OFFSET).
+    """
+    _check_choice("spacing", spacing, SPACINGS)
+    T = num_train_timesteps
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"num_train_timesteps must be a positive int, got {T!r}")
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+        raise ValueError(
+            f"num_steps must be an int in [1, {T}] (the schedule's training steps), got "
+            f"{num_steps!r}; pick fewer sampling steps"
+        )
+    if not isinstance(steps_offset, int) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be a non-negative int, got {steps_offset!r}")
+    # NumPy, as in diffusers: its float rounding decides ties like 499.5 (torch's can differ).
+    if spacing == "leading":  # ..., 2k, k, 0 with k = T // n: may never reach T-1
+        timesteps = np.arange(num_steps)[::-1] * (T // num_steps) + steps_offset
+    elif spacing == "trailing":  # T-1, T-1-k, ...: always starts at the noisiest step
+        # [:num_steps]: the float step sometimes adds a last value near 0 (T=17, n=7 gives 8).
+        timesteps = np.round(np.arange(T, 0, -T / num_steps)[:num_steps]) - 1
+    else:  # "linspace": both ends, 0 and T-1, included
+        timesteps = np.linspace(0, T - 1, num_steps).round()[::-1]
+    timesteps = torch.from_numpy(timesteps.astype(np.int64))
+    if timesteps[0] >= T:
+        raise ValueError(
+            f"leading spacing with steps_offset={steps_offset} reaches t={timesteps[0].item()}, "
+            f"past the last timestep {T - 1}; use fewer than {num_steps} steps or steps_offset=0"
+        )
+    return timesteps
+
+
+def _ddim_step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor | int,
+    t_prev: torch.Tensor | int,
+    eta: float,
+    noise: torch.Tensor | None,
+    clip_x0: float | None,
+    final_alpha_cumprod: float | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step; returns (x_{t_prev}, x0_pred)."""
+    _check_eta(eta)
+    _check_clip(clip_x0)
+    _check_final_alpha_cumprod(final_alpha_cumprod)
+    _check_like("eps", eps, x_t)
+    t = schedule.check_timesteps(t, batch=x_t.shape[0])
+    t_prev = torch.as_tensor(t_prev).to(t.device)
+    if t_prev.is_floating_point() or t_prev.shape not in ((), t.shape) or (t_prev >= t).any():
+        raise ValueError(
+            f"t_prev must be an integer scalar or shape {tuple(t.shape)} below t (a step towards "
+            f"less noise; negative for the final step), got {t_prev.tolist()} for t={t.tolist()}"
+        )
+    t_cpu, t_prev_cpu = t.cpu(), t_prev.cpu().long()
+    ab = schedule.alphas_cumprod
+    final = ab[0] if final_alpha_cumprod is None else torch.tensor(final_alpha_cumprod).double()
+    ab_t = ab[t_cpu]
+    ab_prev = torch.where(t_prev_cpu >= 0, ab[t_prev_cpu.clamp(min=0)], final)
+    # DDIM eq. 16: eta = 1 gives the DDPM posterior variance between t and t_prev.
+    sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
+    x0_pred = _predict_x0(schedule, x_t, eps, t, clip_x0)
+    # eta > 1 can push 1 - ab_prev - sigma^2 below 0; the direction term then vanishes.
+    dir_coef = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
+    # DDIM eq. 12: predicted x0, "direction pointing to x_t", random noise.
+    x_prev = _per_sample(ab_prev.sqrt(), x_t) * x0_pred + _per_sample(dir_coef, x_t) * eps
+    if eta > 0:
+        if noise is None:
+            noise = _randn_like(x_t, generator)
+        _check_like("noise", noise, x_t)
+        x_prev = x_prev + _per_sample(sigma, x_t) * noise
+    return x_prev, x0_pred
+
+
+@torch.no_grad()
+def ddim_step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor | int,
+    t_prev: torch.Tensor | int,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    clip_x0: float | None = None,
+    final_alpha_cumprod: float | None = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """x_{t_prev} from x_t by DDIM's generalized step (Song et al. 2021, eq. 12).
+
+    t_prev < 0 is the final step to alpha-bar = `final_alpha_cumprod`: 1.0 is diffusers'
+    set_alpha_to_one=True; None uses alphas_cumprod[0], i.e. set_alpha_to_one=False (SD v1).
+    """
+    return _ddim_step(
+        schedule, x_t, eps, t, t_prev, eta, noise, clip_x0, final_alpha_cumprod, generator
+    )[0]
+
+
+@torch.no_grad()
+def sample_ddim(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    final_alpha_cumprod: float | None = 1.0,
+    clip_x0: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DDIM sampling over a subsequence of num_steps timesteps (Song et al. 2021, eq. 12)."""
+    _check_eta(eta)
+    _check_clip(clip_x0)
+    _check_final_alpha_cumprod(final_alpha_cumprod)
+    timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset).tolist()
+    # Each step goes to the next timestep in the list; the last one to alpha-bar = final.
+    t_prevs = timesteps[1:] + [-1]
+    x = x_T
+    steps = list(zip(timesteps, t_prevs, strict=True))
+    for i, (t, t_prev) in enumerate(progress_bar(steps, progress, desc="DDIM")):
+        eps, t_batch = _call_eps_fn(eps_fn, x, t)
+        noise = _randn_like(x, generator) if eta > 0 else None
+        x_prev, x0_pred = _ddim_step(
+            schedule, x, eps, t_batch, t_prev, eta, noise, clip_x0, final_alpha_cumprod, None
+        )
+        if callback is not None:
+            callback(
+                {
+                    "i": i,
+                    "t": t,
+                    "t_prev": t_prev,
+                    "x_t": x,
+                    "x0_pred": x0_pred,
+                    "eps": eps,
+                    "x_prev": x_prev,
+                }
+            )
+        x = x_prev
+    return x
