@@ -1,0 +1,211 @@
+"""Command line: `python -m minisd train ...` and `python -m minisd sample ...`.
+
+    python -m minisd train --dataset mnist --preset MNIST --steps 20000 --run-dir runs/ddpm \
+        --export data/checkpoints/ddpm_mnist.safetensors
+    python -m minisd sample --checkpoint data/checkpoints/ddpm_mnist.safetensors --out grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from minisd import unet as unet_module
+from minisd.checkpoint import save_json
+from minisd.course import get_device, seed_everything
+from minisd.data import LOADERS, load_dataset
+from minisd.pretrained import load_diffusion, save_diffusion
+from minisd.sampling import VARIANCES, sample_ddim, sample_ddpm
+from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
+from minisd.train import PREDICTIONS, TrainConfig, diffusion_loss_fn, fit
+
+PRESETS = ("TINY", "MNIST", "CIFAR")
+
+
+def hardware() -> dict[str, object]:
+    """What a run ran on, for sidecars: CPU model, threads, GPU, torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
+
+
+def _unet_config(args: argparse.Namespace, in_channels: int) -> unet_module.UNetConfig:
+    cfg = getattr(unet_module, args.preset)
+    changes: dict[str, object] = {"in_channels": in_channels, "out_channels": in_channels}
+    if args.attention_resolutions is not None:
+        changes["attention_resolutions"] = tuple(args.attention_resolutions)
+    if args.class_cond:
+        changes["num_classes"] = 10
+    return dataclasses.replace(cfg, **changes)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    images, labels = load_dataset(args.dataset, train=True, limit=args.limit)
+    cfg = _unet_config(args, images.shape[1])
+    model = unet_module.UNetModel(cfg)
+    schedule = NoiseSchedule(args.schedule, args.timesteps)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    loss_fn = diffusion_loss_fn(
+        schedule, args.prediction, args.class_dropout if args.class_cond else 0.0
+    )
+    data = (images, labels) if args.class_cond else (images,)
+    n_params = sum(p.numel() for p in model.parameters())
+    command = "python -m minisd " + " ".join(shlex.quote(a) for a in args.argv)
+    commands = [command]
+    if args.run_dir:  # a resumed run was made by several invocations: keep them all
+        log = Path(args.run_dir) / "commands.txt"
+        earlier = log.read_text().splitlines() if args.resume and log.is_file() else []
+        commands = earlier + [command]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("\n".join(commands) + "\n")
+    print(
+        f"training a {n_params / 1e6:.2f}M-parameter U-Net on {len(images)} {args.dataset} images"
+    )
+    result = fit(model, loss_fn, data, config, run_dir=args.run_dir, resume=args.resume)
+    print(
+        f"done: {result.step} steps, {result.seconds:.0f} s, "
+        f"last loss {result.history[-1]['loss']:.4f}"
+    )
+    if args.export:
+        export = Path(args.export)
+        save_diffusion(export, result.sampling_model, schedule, args.prediction)
+        sidecar = {
+            "commands": commands,
+            "unet_config": dataclasses.asdict(cfg),
+            "parameters": n_params,
+            "train_config": dataclasses.asdict(config),
+            "schedule": {"kind": args.schedule, "num_timesteps": args.timesteps},
+            "prediction": args.prediction,
+            "dataset": args.dataset,
+            "steps": result.step,
+            "seconds": round(result.seconds),
+            "hardware": hardware(),
+            "final_loss": round(result.history[-1]["loss"], 5),
+            "weights": "EMA" if result.ema is not None else "raw",
+        }
+        save_json(export.with_suffix(".json"), sidecar)
+        print(f"exported {export} and {export.with_suffix('.json').name}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minisd.plotting import show_images
+
+    device = get_device(args.device)
+    bundle = load_diffusion(args.checkpoint, device=device)
+    generator = seed_everything(args.seed)
+    cfg = bundle.unet.config
+    side = args.size
+    x_T = torch.randn(args.n, cfg.in_channels, side, side, generator=generator).to(device)
+    kwargs = {}
+    if cfg.num_classes is not None:
+        label = bundle.unet.null_class if args.label is None else args.label
+        kwargs["y"] = torch.full((args.n,), label, device=device)
+    eps_fn = bundle.eps_fn(**kwargs)
+    if args.sampler == "ddpm":
+        x0 = sample_ddpm(
+            eps_fn, x_T, bundle.schedule, variance=args.variance, generator=generator, progress=True
+        )
+    else:
+        x0 = sample_ddim(
+            eps_fn,
+            x_T,
+            bundle.schedule,
+            num_steps=args.steps,
+            eta=args.eta,
+            generator=generator,
+            progress=True,
+        )
+    if args.out:
+        show_images(x0.cpu(), nrow=int(args.n**0.5 + 0.999), size=0.6)
+        plt.savefig(args.out, bbox_inches="tight", dpi=100)
+        print(f"wrote {args.out}")
+    if args.save_tensor:
+        torch.save(x0.cpu(), args.save_tensor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minisd", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a pixel-space DDPM U-Net")
+    t.add_argument("--dataset", choices=sorted(LOADERS), default="mnist")
+    t.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    t.add_argument("--preset", choices=PRESETS, default="MNIST")
+    t.add_argument(
+        "--attention-resolutions", type=int, nargs="*", default=None, help="override the preset's"
+    )
+    t.add_argument("--class-cond", action="store_true", help="condition on labels (10 classes)")
+    t.add_argument(
+        "--class-dropout", type=float, default=0.1, help="p(label -> null) with --class-cond"
+    )
+    t.add_argument("--schedule", choices=SCHEDULE_KINDS, default="linear")
+    t.add_argument("--timesteps", type=int, default=1000)
+    t.add_argument("--prediction", choices=PREDICTIONS, default="eps")
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--warmup", type=int, default=0)
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=250)
+    t.add_argument("--run-dir", default=None, help="folder for the resumable training checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    t.add_argument(
+        "--export", default=None, help="write the EMA model + JSON sidecar here at the end"
+    )
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="sample images from a trained model")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    s.add_argument("--eta", type=float, default=0.0)
+    s.add_argument("--variance", choices=VARIANCES, default="fixed_small", help="DDPM variance")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--size", type=int, default=28)
+    s.add_argument(
+        "--label", type=int, default=None, help="class to draw (class-conditional models)"
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--save-tensor", default=None, help="also save the samples as a .pt tensor")
+    s.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""One training loop for every model in the course: AdamW, EMA, clipping, AMP, atomic resume.
+
+`fit(model, loss_fn, data, config)` trains any module whose loss is `loss_fn(model, batch, gen)`.
+The batch order and each step's random draws are pure functions of (seed, step), so a run that is
+stopped and resumed from its checkpoint continues exactly as if it had never stopped.
+`diffusion_loss` is the DDPM objective: ||eps - eps_theta(x_t, t)||^2 (Ho et al. 2020, eq. 14).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisd.checkpoint import load_tensors, save_tensors
+from minisd.course import get_device
+from minisd.course import progress as progress_bar
+from minisd.schedule import NoiseSchedule
+
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Generator], torch.Tensor]
+CHECKPOINT_NAME = "checkpoint.safetensors"
+PREDICTIONS = ("eps", "v")
+# Mixing constants so (seed, step) pairs never share a random stream.
+_STEP_SEED_MULT, _EPOCH_SEED_MULT = 1_000_003, 7_919
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; `steps` is the total, so a resumed run may raise it to go on."""
+
+    steps: int
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float | None = 0.999
+    grad_clip: float | None = 1.0
+    mixed_precision: bool = True  # only on CUDA; CPU always trains in float32
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("log_every and checkpoint_every must be >= 1")
+
+
+# Settings that must match when resuming (changing them would make a different run).
+_RESUME_MUST_MATCH = ("batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay", "seed")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    ema: nn.Module | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    step: int = 0
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """The EMA weights if there are any (they sample better), else the raw model."""
+        return self.ema if self.ema is not None else self.model
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at `step`: a new permutation per epoch, last partial batch dropped."""
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n} items)")
+    per_epoch = n // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed * _EPOCH_SEED_MULT + epoch)
+    )
+    return perm[i * batch_size : (i + 1) * batch_size]
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for one step's random draws (timesteps, noise, dropout of labels)."""
+    return torch.Generator(device=device).manual_seed(seed * _STEP_SEED_MULT + step)
+
+
+def _lr_at(config: TrainConfig, step: int) -> float:
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """ema <- decay * ema + (1 - decay) * model, with decay warmed up over the first steps."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: tuple[torch.Tensor, ...],
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[dict[str, float]], None] | None = None,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train `model` in place for config.steps steps; checkpoint to run_dir; resume if asked."""
+    data = _check_data(data)
+    device = get_device(None if device is None else str(device))
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    use_scaler = (
+        config.mixed_precision and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    result = TrainResult(model, ema)
+    ckpt = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
+    if resume:
+        if ckpt is None or not ckpt.is_file():
+            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_NAME} in run_dir {run_dir!r}")
+        _load_state(ckpt, result, optimizer, config)
+    start, t0 = result.step, time.perf_counter() - result.seconds
+    window: list[float] = []
+    bar = progress_bar(
+        range(start, config.steps), progress, desc="train", initial=start, total=config.steps
+    )
+    for step in bar:
+        idx = batch_indices(len(data[0]), config.batch_size, step, config.seed)
+        batch = tuple(d[idx].to(device, non_blocking=True) for d in data)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(config, step)
+        with _autocast(device, config.mixed_precision):
+            loss = loss_fn(model, batch, step_generator(config.seed, step, device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {step}; lower lr or check the data"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            update_ema(ema, model, config.ema_decay, step)
+        window.append(loss.item())
+        result.step = step + 1
+        if result.step % config.log_every == 0 or result.step == config.steps:
+            record = {
+                "step": result.step,
+                "loss": sum(window) / len(window),
+                "lr": _lr_at(config, step),
+            }
+            record["seconds"] = result.seconds = time.perf_counter() - t0
+            result.history.append(record)
+            window.clear()
+            if progress and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if callback is not None:
+                callback(record)
+        if ckpt is not None and (
+            result.step % config.checkpoint_every == 0 or result.step == config.steps
+        ):
+            result.seconds = time.perf_counter() - t0
+            _save_state(ckpt, result, optimizer, config)
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    return result
+
+
+def _check_data(data: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    if isinstance(data, torch.Tensor):
+        data = (data,)
+    if not data or any(len(d) != len(data[0]) for d in data):
+        raise ValueError(
+            f"data must be a tuple of tensors with one length, got {[len(d) for d in data]}"
+        )
+    return tuple(data)
+
+
+def _save_state(
+    path: Path, result: TrainResult, optimizer: torch.optim.Optimizer, config: TrainConfig
+):
+    tensors = {f"model.{k}": v for k, v in result.model.state_dict().items()}
+    if result.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in result.ema.state_dict().items()})
+    opt = optimizer.state_dict()
+    for i, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{i}.{name}"] = torch.as_tensor(value)
+    meta = {"step": result.step, "seconds": result.seconds, "history": result.history}
+    meta["config"] = dataclasses.asdict(config)
+    save_tensors(path, tensors, meta)
+
+
+def _load_state(
+    path: Path, result: TrainResult, optimizer: torch.optim.Optimizer, config: TrainConfig
+):
+    tensors, meta = load_tensors(path)
+    saved = meta.get("config", {})
+    changed = [k for k in _RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)} -> {getattr(config, k)}" for k in changed)
+        raise ValueError(f"cannot resume {path}: settings differ ({diffs}); use a new run_dir")
+    if meta["step"] >= config.steps:
+        raise ValueError(f"{path} is already at step {meta['step']}; raise steps above it to go on")
+    device = next(result.model.parameters()).device
+    result.model.load_state_dict(_strip(tensors, "model."))
+    if result.ema is not None:
+        result.ema.load_state_dict(_strip(tensors, "ema."))
+    opt = optimizer.state_dict()
+    opt["state"] = {}
+    for i, _ in enumerate(p for g in opt["param_groups"] for p in g["params"]):
+        state = _strip(tensors, f"optim.{i}.")
+        if state:
+            opt["state"][i] = {k: v.to(device) if k != "step" else v for k, v in state.items()}
+    optimizer.load_state_dict(opt)
+    result.step, result.seconds, result.history = meta["step"], meta["seconds"], meta["history"]
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+# ----- the diffusion objective -----------------------------------------------------------------
+def diffusion_loss(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    generator: torch.Generator,
+    prediction: str = "eps",
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """MSE between the model's output and the target at uniformly drawn t (DDPM Alg. 1)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    t = torch.randint(
+        0, schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
+    )
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = schedule.add_noise(x0, noise, t)
+    target = noise if prediction == "eps" else schedule.velocity(x0, noise, t)
+    return F.mse_loss(model(x_t, t, **model_kwargs).float(), target.float())
+
+
+def diffusion_loss_fn(
+    schedule: NoiseSchedule, prediction: str = "eps", class_dropout: float = 0.0
+) -> LossFn:
+    """A `fit` loss for batches (x0,) or (x0, labels); labels are dropped to the null class with
+    probability class_dropout, so one model learns p(x|y) and p(x) (Ho & Salimans 2022)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if not 0.0 <= class_dropout < 1.0:
+        raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
+
+    def loss_fn(
+        model: nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator
+    ) -> torch.Tensor:
+        x0 = batch[0]
+        kwargs = {}
+        if getattr(model, "config", None) is not None and model.config.num_classes is not None:
+            if len(batch) < 2:
+                raise ValueError("a class-conditional model needs batches of (images, labels)")
+            y = batch[1]
+            if class_dropout:
+                drop = torch.rand(y.shape, generator=gen, device=y.device) < class_dropout
+                y = torch.where(drop, torch.full_like(y, model.null_class), y)
+            kwargs["y"] = y
+        return diffusion_loss(model, schedule, x0, gen, prediction, **kwargs)
+
+    return loss_fn
+
+
+def throughput(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: tuple[torch.Tensor, ...],
+    batch_size: int,
+    steps: int = 5,
+):
+    """Images per second of training steps (after one warm-up step), for planning runs."""
+    config = TrainConfig(steps=steps + 1, batch_size=batch_size, ema_decay=None, log_every=1)
+    times: list[float] = []
+    fit(model, loss_fn, data, config, progress=False, callback=lambda r: times.append(r["seconds"]))
+    return batch_size * steps / (times[-1] - times[0]) if len(times) > 1 else math.nan

@@ -1,0 +1,254 @@
+"""Training: loss falls, resume equals an uninterrupted run, EMA, the objective, the CLI."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from minisd import train
+from minisd.pretrained import load_diffusion, save_diffusion
+from minisd.schedule import NoiseSchedule
+from minisd.train import TrainConfig, diffusion_loss_fn, fit
+from minisd.unet import TINY, UNetModel
+
+TINY1 = dataclasses.replace(TINY, in_channels=1, out_channels=1)
+SCHED = NoiseSchedule("linear", 100)
+
+
+def toy_data(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+def fresh_model(cfg=TINY1, seed=0):
+    torch.manual_seed(seed)
+    return UNetModel(cfg)
+
+
+def test_loss_falls_on_a_fixed_batch():
+    x, _ = toy_data(16)
+    model = fresh_model()
+
+    def held_out_loss():  # the same t and noise before and after, so only the model changes
+        with torch.no_grad():
+            return train.diffusion_loss(model, SCHED, x, torch.Generator().manual_seed(123)).item()
+
+    before = held_out_loss()
+    cfg = TrainConfig(steps=60, batch_size=16, lr=3e-3, ema_decay=None, log_every=20)
+    result = fit(model, diffusion_loss_fn(SCHED), (x,), cfg, progress=False)
+    assert held_out_loss() < 0.6 * before
+    assert [r["step"] for r in result.history] == [20, 40, 60]
+    assert result.step == 60 and result.ema is None and not result.model.training
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    x, _ = toy_data()
+    cfg = TrainConfig(
+        steps=8, batch_size=8, lr=1e-3, ema_decay=0.9, log_every=2, checkpoint_every=4
+    )
+    straight = fit(fresh_model(), diffusion_loss_fn(SCHED), (x,), cfg, progress=False)
+
+    half = dataclasses.replace(cfg, steps=4)
+    fit(fresh_model(), diffusion_loss_fn(SCHED), (x,), half, run_dir=tmp_path, progress=False)
+    resumed = fit(
+        fresh_model(seed=1),
+        diffusion_loss_fn(SCHED),
+        (x,),
+        cfg,
+        tmp_path,
+        resume=True,
+        progress=False,
+    )
+
+    assert resumed.step == 8
+    for a, b in zip(
+        straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(
+        straight.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+
+
+def test_resume_refuses_what_would_be_a_different_run(tmp_path):
+    x, _ = toy_data()
+    cfg = TrainConfig(steps=2, batch_size=8, ema_decay=None)
+    loss_fn = diffusion_loss_fn(SCHED)
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        fit(fresh_model(), loss_fn, (x,), cfg, tmp_path, resume=True, progress=False)
+    fit(fresh_model(), loss_fn, (x,), cfg, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="already at step 2"):
+        fit(fresh_model(), loss_fn, (x,), cfg, tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"lr: 0.0002 -> 0.001"):
+        fit(
+            fresh_model(),
+            loss_fn,
+            (x,),
+            dataclasses.replace(cfg, steps=4, lr=1e-3),
+            tmp_path,
+            resume=True,
+        )
+
+
+def test_batches_are_epoch_permutations_and_depend_only_on_seed_and_step():
+    idx = torch.cat([train.batch_indices(10, 5, s, seed=3) for s in range(2)])
+    assert sorted(idx.tolist()) == list(range(10))  # one epoch sees every item once
+    assert torch.equal(train.batch_indices(10, 5, 7, 3), train.batch_indices(10, 5, 7, 3))
+    assert not torch.equal(train.batch_indices(10, 5, 2, 3), train.batch_indices(10, 5, 0, 3))
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        train.batch_indices(4, 5, 0, 0)
+
+
+def test_ema_moves_toward_the_model():
+    model, ema = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        ema.weight.fill_(0.0)
+    train.update_ema(ema, model, decay=0.99, step=10_000)
+    torch.testing.assert_close(ema.weight, torch.full((2, 2), 0.01))
+
+
+class Recorder(nn.Module):
+    """Stands in for a U-Net: records what it is called with, predicts zeros."""
+
+    def __init__(self, num_classes=None):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.config = type("Cfg", (), {"num_classes": num_classes})()
+        self.null_class = num_classes
+        self.calls = []
+
+    def forward(self, x, t, y=None):
+        self.calls.append((x, t, y))
+        return torch.zeros_like(x) + self.w
+
+
+def test_diffusion_loss_targets_eps_and_v():
+    x0 = torch.randn(512, 1, 2, 2)
+    model = Recorder()
+    # predicting 0 costs E[eps^2] = 1 for eps; E[v^2] = ab + (1 - ab) E[x0^2] = 1 for unit x0 too
+    for prediction in ("eps", "v"):
+        loss = train.diffusion_loss(model, SCHED, x0, torch.Generator().manual_seed(0), prediction)
+        assert loss.item() == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(ValueError, match="eps"):
+        train.diffusion_loss(model, SCHED, x0, torch.Generator(), "x0")
+
+
+def test_class_dropout_replaces_labels_with_the_null_class():
+    model = Recorder(num_classes=10)
+    x, y = toy_data(1000)
+    diffusion_loss_fn(SCHED, class_dropout=0.3)(model, (x, y), torch.Generator().manual_seed(0))
+    used = model.calls[-1][2]
+    dropped = (used == 10).float().mean().item()
+    assert 0.25 < dropped < 0.35 and torch.equal(used[used != 10], y[used != 10])
+    with pytest.raises(ValueError, match="needs batches of"):
+        diffusion_loss_fn(SCHED)(model, (x,), torch.Generator())
+    with pytest.raises(ValueError, match="class_dropout"):
+        diffusion_loss_fn(SCHED, class_dropout=1.0)
+
+
+def test_bad_config_and_data():
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(steps=1, ema_decay=1.0)
+    with pytest.raises(ValueError, match="steps and batch_size"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="one length"):
+        fit(
+            fresh_model(),
+            diffusion_loss_fn(SCHED),
+            (torch.zeros(4, 1, 8, 8), torch.zeros(3)),
+            TrainConfig(1),
+        )
+
+
+def test_diverging_loss_stops_with_a_clear_error():
+    x, _ = toy_data(8)
+    with pytest.raises(FloatingPointError, match="lower lr"):
+        fit(
+            fresh_model(),
+            lambda m, b, g: torch.tensor(float("nan")),
+            (x,),
+            TrainConfig(2, 8),
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_pretrained_round_trip(tmp_path, prediction):
+    model = fresh_model().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # make the zero-initialised output layer do something
+            p.add_(0.05 * torch.randn_like(p))
+    sched = NoiseSchedule("cosine", 50)
+    path = save_diffusion(tmp_path / "m.safetensors", model, sched, prediction)
+    bundle = load_diffusion(path)
+    assert bundle.schedule.kind == "cosine" and bundle.prediction == prediction
+    torch.testing.assert_close(bundle.schedule.alphas_cumprod, sched.alphas_cumprod)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 40])
+    torch.testing.assert_close(bundle.unet(x, t), model(x, t), rtol=0, atol=5e-3)  # fp16 weights
+    eps = bundle.eps_fn()(x, t)
+    if prediction == "eps":
+        torch.testing.assert_close(eps, bundle.unet(x, t))
+    else:
+        from minisd.sampling import eps_from_v
+
+        torch.testing.assert_close(eps, eps_from_v(bundle.unet(x, t), x, t, bundle.schedule))
+
+
+def test_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--export"):
+        load_diffusion(tmp_path / "none.safetensors")
+    from minisd.checkpoint import save_tensors
+
+    save_tensors(tmp_path / "other.safetensors", {"w": torch.ones(1)}, {"format": "something"})
+    with pytest.raises(ValueError, match="not a minisd diffusion checkpoint"):
+        load_diffusion(tmp_path / "other.safetensors")
+
+
+def test_command_line_train_resume_export_sample(tmp_path, monkeypatch):
+    from minisd import __main__ as cli
+    from minisd import data
+
+    x, y = toy_data(64)
+    x = torch.nn.functional.pad(x, (10, 10, 10, 10), value=-1.0)  # 28x28 like MNIST
+    monkeypatch.setattr(cli, "load_dataset", lambda name, train, limit: (x[:limit], y[:limit]))
+    assert data.LOADERS  # the real loader is tested in test_data.py
+    run, out = tmp_path / "run", tmp_path / "m.safetensors"
+    base = [
+        "train",
+        "--preset",
+        "TINY",
+        "--limit",
+        "32",
+        "--batch-size",
+        "8",
+        "--run-dir",
+        str(run),
+    ]
+    cli.main(base + ["--steps", "2", "--checkpoint-every", "1"])
+    cli.main(base + ["--steps", "4", "--resume", "--export", str(out)])
+    sidecar = __import__("json").loads(out.with_suffix(".json").read_text())
+    assert sidecar["steps"] == 4 and sidecar["weights"] == "EMA"
+    assert len(sidecar["commands"]) == 2 and "--resume" in sidecar["commands"][1]
+    assert sidecar["hardware"]["torch"] == torch.__version__
+    png, pt = tmp_path / "s.png", tmp_path / "s.pt"
+    cli.main(
+        [
+            "sample",
+            "--checkpoint",
+            str(out),
+            "--n",
+            "4",
+            "--steps",
+            "3",
+            "--out",
+            str(png),
+            "--save-tensor",
+            str(pt),
+        ]
+    )
+    assert png.stat().st_size > 0 and torch.load(pt).shape == (4, 1, 28, 28)
