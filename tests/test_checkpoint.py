@@ -45,3 +45,9 @@ def test_json_sidecar(tmp_path):
     path = checkpoint.save_json(tmp_path / "a" / "m.json", {"b": 1, "a": 2})
     assert path.read_text().startswith('{\n  "a": 2')
     assert checkpoint.load_json(path) == {"a": 2, "b": 1}
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    path = checkpoint.save_tensors(tmp_path / "m.safetensors", {"w": torch.ones(1)})
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert checkpoint.save_json(tmp_path / "m.json", {}).stat().st_mode & 0o777 == 0o644
