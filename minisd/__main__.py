@@ -149,6 +149,68 @@ def cmd_sample(args: argparse.Namespace) -> None:
         torch.save(x0.cpu(), args.save_tensor)
 
 
+def _command(args: argparse.Namespace) -> str:
+    return "python -m minisd " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from minisd.checkpoint import load_json
+    from minisd.evaluation import SamplerSetting, meets_recognisability_bar, report_from_dict, score
+
+    model = load_diffusion(args.checkpoint, device=get_device(args.device))
+    result = score(model, args.n, SamplerSetting("ddim", args.steps), seed=args.seed)
+    report, baseline = report_from_dict(result["report"]), report_from_dict(result["baseline"])
+    print(report.table(baseline))
+    ok, why = meets_recognisability_bar(report)
+    print(f"recognisability bar: {'met' if ok else 'NOT met'}: {why}")
+    if args.write_sidecar:
+        sidecar_path = Path(args.checkpoint).with_suffix(".json")
+        sidecar = load_json(sidecar_path) if sidecar_path.is_file() else {}
+        sidecar["metrics"] = {
+            "command": _command(args),
+            "sampler": result["name"],
+            "seconds_per_sample": round(result["seconds_per_sample"], 4),
+            "hardware": hardware(),
+            "samples": result["report"],
+            "real_baseline": result["baseline"],
+            "meets_bar": ok,
+            "bar": why,
+        }
+        save_json(sidecar_path, sidecar)
+        print(f"wrote metrics into {sidecar_path}")
+
+
+def cmd_compare_samplers(args: argparse.Namespace) -> None:
+    from minisd.checkpoint import save_tensors
+    from minisd.evaluation import SamplerSetting, score
+    from minisd.metrics import load_classifier, reference_features
+
+    model = load_diffusion(args.checkpoint, device=get_device(args.device))
+    settings = [SamplerSetting("ddim", s) for s in args.ddim_steps]
+    if args.ddpm:
+        settings.append(SamplerSetting("ddpm", model.schedule.num_timesteps))
+    classifier = load_classifier()
+    reference = reference_features(classifier)
+    rows, grids = [], {}
+    for setting in settings:
+        result = score(
+            model, args.n, setting, args.seed, classifier=classifier, reference=reference
+        )
+        grids[setting.name] = result.pop("samples")[: args.keep]
+        rows.append(result)
+        r = result["report"]
+        print(
+            f"{setting.name:>10}: {result['seconds_per_sample'] * 1000:.0f} ms/sample, "
+            f"FID {r['mnist_fid']:.2f}, KID {r['kid_mean']:.4f}, "
+            f"confident {r['confident_fraction']:.1%} (n={args.n})"
+        )
+    out = Path(args.out)
+    results = {"command": _command(args), "hardware": hardware(), "n": args.n, "rows": rows}
+    save_json(out, results)
+    save_tensors(out.with_suffix(".safetensors"), grids)
+    print(f"wrote {out} and {out.with_suffix('.safetensors').name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minisd", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +259,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png")
     s.add_argument("--save-tensor", default=None, help="also save the samples as a .pt tensor")
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="score DDIM samples with the MNIST classifier's metrics")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--n", type=int, default=1000)
+    e.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default=None)
+    e.add_argument("--write-sidecar", action="store_true", help="store the metrics in its JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("compare-samplers", help="DDPM vs DDIM: time per sample and sample quality")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--n", type=int, default=200, help="samples per sampler setting")
+    c.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 20, 50, 100])
+    c.add_argument("--ddpm", action="store_true", help="also run full DDPM (slow: T steps)")
+    c.add_argument("--keep", type=int, default=16, help="samples per setting kept for display")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default=None)
+    c.add_argument("--out", required=True, help="results .json (samples go beside it)")
+    c.set_defaults(func=cmd_compare_samplers)
     return parser
 
 

@@ -1,0 +1,120 @@
+"""Measure a trained diffusion model: sample it, score the samples, compare samplers.
+
+    python -m minisd evaluate --checkpoint data/checkpoints/ddpm_mnist.safetensors --n 1000
+    python -m minisd compare-samplers --checkpoint ... --out data/results/ddpm_mnist_samplers.json
+
+Scores always come with the real-vs-real baseline at the same sample count (MNIST test images
+scored against the train set): the best any generator can do at that n.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from minisd.course import progress as progress_bar
+from minisd.metrics import SampleReport, load_classifier, real_baseline, reference_features
+from minisd.pretrained import DiffusionModel
+from minisd.sampling import sample_ddim, sample_ddpm
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    sampler: str  # "ddim" or "ddpm"
+    steps: int  # network evaluations per sample (DDPM: all T)
+    eta: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.sampler.upper()}-{self.steps}" + (f" eta={self.eta:g}" if self.eta else "")
+
+
+def generate(
+    model: DiffusionModel,
+    n: int,
+    setting: SamplerSetting,
+    seed: int = 0,
+    batch_size: int = 250,
+    image_size: int = 28,
+    progress: bool = False,
+) -> torch.Tensor:
+    """n samples (n, C, H, W) on the CPU, drawn in batches from one seeded generator."""
+    if setting.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {setting.sampler!r}")
+    if setting.sampler == "ddpm" and setting.steps != model.schedule.num_timesteps:
+        raise ValueError(f"DDPM runs all {model.schedule.num_timesteps} steps, got {setting.steps}")
+    device = next(model.unet.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    channels = model.unet.config.in_channels
+    out = []
+    for start in progress_bar(range(0, n, batch_size), progress, desc=setting.name):
+        b = min(batch_size, n - start)
+        x_T = torch.randn(b, channels, image_size, image_size, generator=generator).to(device)
+        if setting.sampler == "ddpm":
+            x0 = sample_ddpm(model.eps_fn(), x_T, model.schedule, generator=generator)
+        else:
+            x0 = sample_ddim(
+                model.eps_fn(), x_T, model.schedule, num_steps=setting.steps, eta=setting.eta,
+                generator=generator, clip_x0=1.0,
+            )  # fmt: skip
+        out.append(x0.clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def score(
+    model: DiffusionModel,
+    n: int,
+    setting: SamplerSetting,
+    seed: int = 0,
+    progress: bool = True,
+    classifier=None,
+    reference: torch.Tensor | None = None,
+) -> dict:
+    """Samples, seconds per sample, and the metrics with the real baseline at the same n."""
+    classifier = classifier or load_classifier()
+    reference = reference if reference is not None else reference_features(classifier)
+    start = time.perf_counter()
+    samples = generate(model, n, setting, seed=seed, progress=progress)
+    seconds = time.perf_counter() - start
+    report = _evaluate(samples, classifier, reference, setting.name)
+    baseline = real_baseline(n, classifier, reference, seed=seed, kid_subset_size=min(1000, n))
+    return {
+        "setting": asdict(setting),
+        "name": setting.name,
+        "n": n,
+        "seconds_per_sample": seconds / n,
+        "report": asdict(report),
+        "baseline": asdict(baseline),
+        "samples": samples,
+    }
+
+
+def _evaluate(
+    samples: torch.Tensor, classifier, reference: torch.Tensor, label: str
+) -> SampleReport:
+    from minisd.metrics import evaluate_samples
+
+    return evaluate_samples(
+        samples, classifier, reference, label=label, kid_subset_size=min(1000, len(samples))
+    )
+
+
+def report_from_dict(d: dict) -> SampleReport:
+    """Rebuild a SampleReport from its JSON form (as stored in sidecars and results files)."""
+    return SampleReport(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def meets_recognisability_bar(report: SampleReport) -> tuple[bool, str]:
+    """The course's bar for a shipped MNIST model: >= 90% confident samples, each class 5-15%."""
+    fractions = report.class_fractions
+    ok_conf = report.confident_fraction >= 0.9
+    ok_classes = all(0.05 <= f <= 0.15 for f in fractions)
+    why = (
+        f"confident {report.confident_fraction:.1%} (need >= 90%), "
+        f"classes {min(fractions):.1%}..{max(fractions):.1%} (need 5%..15%)"
+    )
+    return ok_conf and ok_classes, why
