@@ -98,3 +98,76 @@ def check_snr_crossing(answer: int) -> bool:
     return _report(
         name, False, f"at t={answer} the SNR is {snr[answer].item():.3f}; look {direction}"
     )
+
+
+# ----- notebook 02: the U-Net, training and sampling -------------------------------------------
+def check_timestep_embedding(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool:
+    """Exercise 02.1: fn(t, dim) -> (B, dim) sinusoidal features, cos half first (as ldm)."""
+    from minisd.unet import timestep_embedding
+
+    name = "Exercise 1 (timestep embedding)"
+    t = torch.tensor([0, 1, 10, 500, 999])
+    want = timestep_embedding(t, 32)
+    got, err = _attempt(name, fn, t, 32)
+    if err:
+        return _report(name, False, err)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        return _report(name, False, f"expected shape {tuple(want.shape)}, got {shape}")
+    if torch.allclose(got, want.roll(16, dims=1), atol=1e-5):
+        return _report(name, False, "sin and cos halves are swapped: ldm puts cos first")
+    if not torch.allclose(got, want, atol=1e-5):
+        return _report(
+            name, False, "hint: freqs = exp(-log(10000) * arange(dim // 2) / (dim // 2))"
+        )
+    return _report(name, True)
+
+
+def check_ddpm_loss(fn: Callable[..., torch.Tensor]) -> bool:
+    """Exercise 02.2: fn(model, x0, t, noise, alphas_cumprod) -> the scalar DDPM loss."""
+    name = "Exercise 2 (the training loss)"
+    sched = NoiseSchedule("linear", 1000)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([3, 100, 600, 990])
+    weight = torch.randn(1, generator=g)
+
+    def model(x_t, t):  # any function of (x_t, t) will do for checking the loss
+        return weight * x_t + t.float().reshape(-1, 1, 1, 1) / 1000
+
+    want = torch.mean((model(sched.add_noise(x0, noise, t), t) - noise) ** 2)
+    got, err = _attempt(name, fn, model, x0, t, noise, sched.alphas_cumprod.float())
+    if err:
+        return _report(name, False, err)
+    got = torch.as_tensor(got)
+    if got.numel() != 1:
+        return _report(name, False, f"return one number (the mean), got shape {tuple(got.shape)}")
+    if not torch.allclose(got.float(), want, rtol=1e-4, atol=1e-6):
+        return _report(
+            name, False, "hint: noise x0 to x_t, ask the model for eps, mean squared error"
+        )
+    return _report(name, True)
+
+
+def check_ddim_step(fn: Callable[..., torch.Tensor]) -> bool:
+    """Exercise 02.3: fn(x_t, eps, ab_t, ab_prev) -> x_prev, one deterministic DDIM step."""
+    from minisd.sampling import ddim_step
+
+    name = "Exercise 3 (a DDIM step)"
+    sched = NoiseSchedule("linear", 1000)
+    g = torch.Generator().manual_seed(2)
+    x_t, eps = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    for t, t_prev in [(999, 979), (500, 480), (40, 20)]:
+        want = ddim_step(sched, x_t, eps, t, t_prev, eta=0.0)
+        ab_t, ab_prev = sched.alphas_cumprod[t].item(), sched.alphas_cumprod[t_prev].item()
+        got, err = _attempt(name, fn, x_t, eps, ab_t, ab_prev)
+        if err:
+            return _report(name, False, err)
+        if not isinstance(got, torch.Tensor) or not torch.allclose(got, want, atol=1e-4):
+            return _report(
+                name,
+                False,
+                f"wrong at t={t}; hint: predict x0, then re-noise it to ab_prev with eps",
+            )
+    return _report(name, True)

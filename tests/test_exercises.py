@@ -49,3 +49,48 @@ def test_snr_crossing_checker(capsys):
     assert not exercises.check_snr_crossing(None)
     out = capsys.readouterr().out
     assert "look later" in out and "an int" in out and "not attempted" in out
+
+
+def test_timestep_embedding_checker(capsys):
+    import math
+
+    def right(t, dim):
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
+        args = t.float()[:, None] * freqs
+        return torch.cat([args.cos(), args.sin()], dim=1)
+
+    def swapped(t, dim):
+        return right(t, dim).roll(dim // 2, dims=1)
+
+    assert exercises.check_timestep_embedding(right)
+    assert not exercises.check_timestep_embedding(swapped)
+    assert not exercises.check_timestep_embedding(not_attempted)
+    assert "swapped" in capsys.readouterr().out
+
+
+def test_ddpm_loss_checker():
+    def right(model, x0, t, noise, ab):
+        a = ab[t].reshape(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return ((model(x_t, t) - noise) ** 2).mean()
+
+    def predicts_x0(model, x0, t, noise, ab):
+        a = ab[t].reshape(-1, 1, 1, 1)
+        return ((model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t) - x0) ** 2).mean()
+
+    assert exercises.check_ddpm_loss(right)
+    assert not exercises.check_ddpm_loss(predicts_x0)
+    assert not exercises.check_ddpm_loss(lambda m, x0, t, n, ab: torch.zeros(4))
+
+
+def test_ddim_step_checker():
+    def right(x_t, eps, ab_t, ab_prev):
+        x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+        return ab_prev**0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
+
+    def forgets_renoising(x_t, eps, ab_t, ab_prev):
+        return (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+
+    assert exercises.check_ddim_step(right)
+    assert not exercises.check_ddim_step(forgets_renoising)
