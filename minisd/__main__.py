@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from minisd import unet as unet_module
 from minisd.checkpoint import save_json
-from minisd.course import get_device, seed_everything
+from minisd.course import get_device, hardware, seed_everything
 from minisd.data import LOADERS, load_dataset
 from minisd.pretrained import load_diffusion, save_diffusion
 from minisd.sampling import VARIANCES, sample_ddim, sample_ddpm
@@ -28,18 +27,8 @@ from minisd.train import PREDICTIONS, TrainConfig, diffusion_loss_fn, fit
 PRESETS = ("TINY", "MNIST", "CIFAR")
 
 
-def hardware() -> dict[str, object]:
-    """What a run ran on, for sidecars: CPU model, threads, GPU, torch version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
+def _command(args: argparse.Namespace) -> str:
+    return "python -m minisd " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def _unet_config(args: argparse.Namespace, in_channels: int) -> unet_module.UNetConfig:
@@ -71,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     data = (images, labels) if args.class_cond else (images,)
     n_params = sum(p.numel() for p in model.parameters())
-    command = "python -m minisd " + " ".join(shlex.quote(a) for a in args.argv)
+    command = _command(args)
     commands = [command]
     if args.run_dir:  # a resumed run was made by several invocations: keep them all
         log = Path(args.run_dir) / "commands.txt"
@@ -147,10 +136,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
     if args.save_tensor:
         torch.save(x0.cpu(), args.save_tensor)
-
-
-def _command(args: argparse.Namespace) -> str:
-    return "python -m minisd " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import platform
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -75,3 +77,22 @@ def current_profile() -> Profile:
 def progress(iterable: Iterable[T], enabled: bool = True, **kwargs) -> Iterator[T] | Iterable[T]:
     """Wrap a loop in a tqdm.auto bar (a widget in Jupyter, text in a terminal) when enabled."""
     return tqdm(iterable, **kwargs) if enabled else iterable
+
+
+def hardware() -> dict[str, object]:
+    """What a run or timing was measured on, for sidecars: CPU model, threads, torch, GPU."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        lines = cpuinfo.read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }

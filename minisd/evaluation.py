@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from minisd.course import progress as progress_bar
-from minisd.metrics import SampleReport, load_classifier, real_baseline, reference_features
+from minisd.metrics import (
+    SampleReport,
+    evaluate_samples,
+    load_classifier,
+    real_baseline,
+    reference_features,
+)
 from minisd.pretrained import DiffusionModel
 from minisd.sampling import sample_ddim, sample_ddpm
 
@@ -96,8 +102,6 @@ def score(
 def _evaluate(
     samples: torch.Tensor, classifier, reference: torch.Tensor, label: str
 ) -> SampleReport:
-    from minisd.metrics import evaluate_samples
-
     return evaluate_samples(
         samples, classifier, reference, label=label, kid_subset_size=min(1000, len(samples))
     )

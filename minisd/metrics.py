@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisd.checkpoint import load_tensors, save_json, save_tensors
-from minisd.course import seed_everything
+from minisd.course import hardware, seed_everything
 from minisd.data import REPO_DATA, load_mnist
 from minisd.train import TrainConfig, fit
 
@@ -371,21 +370,6 @@ def classifier_loss(
 ) -> torch.Tensor:
     images, labels = batch
     return F.cross_entropy(model(random_shift(images, MAX_SHIFT, generator)), labels)
-
-
-def hardware() -> dict[str, object]:
-    """What a timing was measured on: CPU model, threads, torch version, GPU if any."""
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        lines = cpuinfo.read_text().splitlines()
-        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    info |= {"torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def train_classifier(

@@ -48,3 +48,10 @@ def test_progress_wraps_only_when_enabled():
     items = [1, 2, 3]
     assert course.progress(items, enabled=False) is items
     assert list(course.progress(items, enabled=True, disable=True)) == items
+
+
+def test_hardware_describes_the_machine():
+    info = course.hardware()
+    assert info["torch"] == torch.__version__ and info["threads"] == torch.get_num_threads()
+    assert isinstance(info["cpu"], str) and info["cpu"]
+    assert info["gpu"] is None or isinstance(info["gpu"], str)
