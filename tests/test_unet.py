@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.models.embeddings import get_timestep_embedding
+from helpers import randomize
 
 from minisd.schedule import NoiseSchedule
+from minisd.summary import count_parameters
 from minisd.unet import (
     MNIST,
     SD_V1,
@@ -24,18 +26,6 @@ from minisd.unet import (
 
 # The SD v1 checkpoint stores the U-Net under this prefix; diffusers' converter expects it.
 LDM_PREFIX = "model.diffusion_model."
-
-
-def _num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
-    """Overwrite every parameter with noise: zero-initialised outputs would make parity trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def _sd_v1_on_meta() -> UNetModel:
@@ -59,7 +49,7 @@ def test_timestep_embedding_puts_cos_first() -> None:
 
 # ----- the Stable Diffusion v1 layout -------------------------------------------------------------
 def test_sd_v1_has_the_known_parameter_count() -> None:
-    assert _num_params(_sd_v1_on_meta()) == SD_V1_NUM_PARAMS == 859_520_964
+    assert count_parameters(_sd_v1_on_meta()) == SD_V1_NUM_PARAMS == 859_520_964
 
 
 def test_sd_v1_state_dict_uses_checkpoint_key_names() -> None:
@@ -104,7 +94,7 @@ def test_tiny_unet_matches_diffusers_at_identical_weights() -> None:
         TINY, num_res_blocks=2, attention_resolutions=(1, 2), context_dim=12, num_classes=3
     )
     ours = UNetModel(cfg).eval()
-    _randomize(ours)
+    randomize(ours)
     ref = UNet2DConditionModel(
         in_channels=3,
         out_channels=3,
@@ -140,15 +130,15 @@ def test_out_channels_can_differ_from_in_channels() -> None:
 
 
 def test_presets_have_the_advertised_sizes() -> None:
-    assert _num_params(UNetModel(TINY)) < 100_000
+    assert count_parameters(UNetModel(TINY)) < 100_000
     mnist = UNetModel(MNIST)
-    assert 2_000_000 < _num_params(mnist) < 4_000_000
+    assert 2_000_000 < count_parameters(mnist) < 4_000_000
     assert mnist(torch.randn(1, 1, 28, 28), 10).shape == (1, 1, 28, 28)
 
 
 def test_scalar_timestep_broadcasts_over_the_batch() -> None:
     model = UNetModel(TINY).eval()
-    _randomize(model)
+    randomize(model)
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(x, 7), model(x, torch.full((3,), 7)))
@@ -156,7 +146,7 @@ def test_scalar_timestep_broadcasts_over_the_batch() -> None:
 
 def test_eval_mode_is_deterministic_and_dropout_is_wired() -> None:
     model = UNetModel(dataclasses.replace(TINY, dropout=0.5))
-    _randomize(model)
+    randomize(model)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 50])
     with torch.no_grad():
         assert not torch.equal(model.train()(x, t), model(x, t))
@@ -166,7 +156,7 @@ def test_eval_mode_is_deterministic_and_dropout_is_wired() -> None:
 def test_class_conditioning_has_a_null_class() -> None:
     model = UNetModel(dataclasses.replace(TINY, num_classes=10))
     assert model.null_class == 10 and model.label_emb.num_embeddings == 11
-    _randomize(model)
+    randomize(model)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 50])
     with torch.no_grad():
         assert not torch.allclose(
