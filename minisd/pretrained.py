@@ -1,4 +1,9 @@
-"""Shipped diffusion models: a U-Net's weights plus the schedule and target it was trained with."""
+"""Shipped models: U-Nets with the schedule and target they were trained with, and autoencoders.
+
+A pixel-space diffusion checkpoint stores the U-Net's keys as they are. A latent one stores the
+U-Net and its autoencoder together with SD v1's prefixes (`model.diffusion_model.`,
+`first_stage_model.`), the layout of the official Stable Diffusion checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,13 @@ from minisd.checkpoint import load_json, load_tensors, save_tensors
 from minisd.sampling import EpsFn, v_to_eps_fn
 from minisd.schedule import NoiseSchedule
 from minisd.unet import UNetConfig, UNetModel
+from minisd.vae import AutoencoderConfig, AutoencoderKL
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
 FORMAT = "minisd.diffusion/1"
+AUTOENCODER_FORMAT = "minisd.autoencoder/1"
+# SD v1's checkpoint prefixes, used by latent diffusion checkpoints.
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 
 
 @dataclass
@@ -27,6 +36,26 @@ class DiffusionModel:
     schedule: NoiseSchedule
     prediction: str  # "eps" or "v"
     metadata: dict[str, Any]
+    vae: AutoencoderKL | None = None  # latent diffusion: samples are latents to decode
+    image_size: int | None = None  # latent diffusion: side of the decoded images (crop)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of what the sampler draws: latents for latent models, else None (any size)."""
+        if self.vae is None:
+            return None
+        cfg = self.vae.config
+        side = cfg.resolution // cfg.downsampling_factor
+        return (self.unet.config.in_channels, side, side)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from samples: decode latents (and crop any padding), or pixels as they are."""
+        if self.vae is None:
+            return x
+        from minisd.latent import decode_images
+
+        return decode_images(self.vae, x, self.image_size)
 
     def eps_fn(self, **model_kwargs: Any) -> EpsFn:
         """The callable samplers take: eps_theta(x_t, t), whatever the model predicts."""
@@ -44,9 +73,19 @@ def save_diffusion(
     schedule: NoiseSchedule,
     prediction: str,
     dtype: torch.dtype = torch.float16,
+    vae: AutoencoderKL | None = None,
+    image_size: int | None = None,
 ) -> Path:
-    """Save a U-Net's weights (fp16 by default: half the size, same samples) with how to use it."""
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in unet.state_dict().items()}
+    """Save a U-Net's weights (fp16 by default: half the size, same samples) with how to use it.
+
+    With `vae` (latent diffusion) the autoencoder is stored too, SD-style, and `image_size` is the
+    side of the images the latents decode to (MNIST: 28, cropped from the autoencoder's 32).
+    """
+    tensors = _half(unet.state_dict(), dtype, UNET_PREFIX if vae is not None else "")
+    if vae is not None:
+        if image_size is None:
+            raise ValueError("a latent diffusion checkpoint needs image_size (e.g. 28 for MNIST)")
+        tensors.update(_half(vae.state_dict(), dtype, VAE_PREFIX))
     meta = {
         "format": FORMAT,
         "unet_config": dataclasses.asdict(unet.config),
@@ -59,27 +98,54 @@ def save_diffusion(
         },
         "prediction": prediction,
     }
+    if vae is not None:
+        meta["autoencoder_config"] = dataclasses.asdict(vae.config)
+        meta["image_size"] = image_size
     return save_tensors(path, tensors, meta)
+
+
+def _half(state: dict[str, torch.Tensor], dtype: torch.dtype, prefix: str) -> dict:
+    return {prefix + k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> dict:
+    return {k[len(prefix) :]: v.to(dtype) for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _config(cls: type, fields: dict[str, Any]) -> Any:
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def _open(path: str | os.PathLike, fmt: str, what: str, command: str) -> tuple[dict, dict]:
+    """Tensors and metadata (with the JSON sidecar under "sidecar") of a `fmt` checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {what} checkpoint at {path}; the shipped ones are in {CHECKPOINTS}, and "
+            f"`python -m minisd {command} --export PATH` writes new ones"
+        )
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != fmt:
+        raise ValueError(
+            f"{path} is not a minisd {what} checkpoint (format {meta.get('format')!r})"
+        )
+    sidecar = path.with_suffix(".json")
+    meta["sidecar"] = load_json(sidecar) if sidecar.is_file() else {}
+    return tensors, meta
 
 
 def load_diffusion(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> DiffusionModel:
     """Load a model written by `save_diffusion` (or `python -m minisd train --export`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no diffusion checkpoint at {path}; the shipped ones are in {CHECKPOINTS}, and "
-            "`python -m minisd train --export PATH` writes new ones"
-        )
-    tensors, meta = load_tensors(path)
-    if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is not a minisd diffusion checkpoint (format {meta.get('format')!r})"
-        )
-    cfg = meta["unet_config"]
-    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-    unet = UNetModel(cfg)
+    tensors, meta = _open(path, FORMAT, "diffusion", "train")
+    unet = UNetModel(_config(UNetConfig, meta["unet_config"]))
+    vae = None
+    if "autoencoder_config" in meta:
+        vae = AutoencoderKL(_config(AutoencoderConfig, meta["autoencoder_config"]))
+        vae.load_state_dict(_strip(tensors, VAE_PREFIX, dtype))
+        vae = vae.to(device).eval()
+        tensors = _strip(tensors, UNET_PREFIX, dtype)
     unet.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
     s = meta["schedule"]
     kind = s["kind"]
@@ -87,6 +153,24 @@ def load_diffusion(
     schedule = NoiseSchedule(
         kind, s["num_timesteps"], *betas, zero_terminal_snr=s["zero_terminal_snr"]
     )
-    sidecar = path.with_suffix(".json")
-    meta["sidecar"] = load_json(sidecar) if sidecar.is_file() else {}
-    return DiffusionModel(unet.to(device).eval(), schedule, meta["prediction"], meta)
+    unet = unet.to(device).eval()
+    return DiffusionModel(unet, schedule, meta["prediction"], meta, vae, meta.get("image_size"))
+
+
+def save_autoencoder(
+    path: str | os.PathLike, vae: AutoencoderKL, dtype: torch.dtype = torch.float16
+) -> Path:
+    """Save an autoencoder (fp16 by default) with its config, scale_factor included."""
+    meta = {"format": AUTOENCODER_FORMAT, "autoencoder_config": dataclasses.asdict(vae.config)}
+    return save_tensors(path, _half(vae.state_dict(), dtype, ""), meta)
+
+
+def load_autoencoder(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> AutoencoderKL:
+    """Load `save_autoencoder`'s file; `.metadata` holds its metadata and JSON sidecar."""
+    tensors, meta = _open(path, AUTOENCODER_FORMAT, "autoencoder", "train-vae")
+    vae = AutoencoderKL(_config(AutoencoderConfig, meta["autoencoder_config"]))
+    vae.load_state_dict(_strip(tensors, "", dtype))
+    vae.metadata = meta
+    return vae.to(device).eval()

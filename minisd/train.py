@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 500
+    max_seconds: float | None = None  # stop early once training has taken this long (wall clock)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -60,6 +61,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("log_every and checkpoint_every must be >= 1")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0 or None, got {self.max_seconds}")
 
 
 # Settings that must match when resuming (changing them would make a different run).
@@ -176,7 +179,11 @@ def fit(
             update_ema(ema, model, config.ema_decay, step)
         window.append(loss.item())
         result.step = step + 1
-        if result.step % config.log_every == 0 or result.step == config.steps:
+        out_of_time = (
+            config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds
+        )
+        last = result.step == config.steps or out_of_time
+        if result.step % config.log_every == 0 or last:
             record = {
                 "step": result.step,
                 "loss": sum(window) / len(window),
@@ -189,11 +196,11 @@ def fit(
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             if callback is not None:
                 callback(record)
-        if ckpt is not None and (
-            result.step % config.checkpoint_every == 0 or result.step == config.steps
-        ):
+        if ckpt is not None and (result.step % config.checkpoint_every == 0 or last):
             result.seconds = time.perf_counter() - t0
             _save_state(ckpt, result, optimizer, config)
+        if out_of_time:
+            break
     result.seconds = time.perf_counter() - t0
     model.eval()
     return result

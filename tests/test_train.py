@@ -74,6 +74,21 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
 
 
+def test_max_seconds_stops_early_and_checkpoints_where_it_stopped(tmp_path):
+    x, _ = toy_data()
+    cfg = TrainConfig(steps=50, batch_size=8, log_every=10, checkpoint_every=10, max_seconds=1e-9)
+    result = fit(fresh_model(), diffusion_loss_fn(SCHED), (x,), cfg, tmp_path, progress=False)
+    assert result.step == 1 and [r["step"] for r in result.history] == [1]
+    # the run can go on from where the clock stopped it
+    go_on = dataclasses.replace(cfg, steps=3, max_seconds=None)
+    resumed = fit(
+        fresh_model(), diffusion_loss_fn(SCHED), (x,), go_on, tmp_path, resume=True, progress=False
+    )
+    assert resumed.step == 3
+    with pytest.raises(ValueError, match="max_seconds"):
+        TrainConfig(steps=1, max_seconds=0)
+
+
 def test_resume_refuses_what_would_be_a_different_run(tmp_path):
     x, _ = toy_data()
     cfg = TrainConfig(steps=2, batch_size=8, ema_decay=None)

@@ -1,0 +1,160 @@
+"""Latent diffusion plumbing: padding, encode/decode, the latent cache, checkpoints, costs."""
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import randomize
+
+from minisd.latent import (
+    activation_bytes,
+    cached_latents,
+    crop_images,
+    decode_images,
+    encode_images,
+    fingerprint,
+    fit_scale_factor,
+    pad_images,
+    training_cost,
+)
+from minisd.pretrained import (
+    UNET_PREFIX,
+    VAE_PREFIX,
+    load_autoencoder,
+    load_diffusion,
+    save_autoencoder,
+    save_diffusion,
+)
+from minisd.schedule import NoiseSchedule
+from minisd.unet import TINY, UNetModel
+from minisd.vae import TINY as TINY_VAE
+from minisd.vae import AutoencoderKL
+
+# A tiny padded-MNIST autoencoder: 1 channel, 32x32 -> 16x16x2.
+VAE32 = dataclasses.replace(TINY_VAE, in_channels=1, out_ch=1, resolution=32)
+LATENT_UNET = dataclasses.replace(TINY, in_channels=2, out_channels=2)
+
+
+def tiny_vae(seed=0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(VAE32).eval()
+    randomize(vae, seed, std=0.1)
+    return vae
+
+
+def digits(n=6, seed=0) -> torch.Tensor:
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_pad_and_crop_are_inverse_and_pad_with_background():
+    x = digits(2)
+    padded = pad_images(x, 32)
+    assert padded.shape == (2, 1, 32, 32)
+    assert torch.equal(crop_images(padded, 28), x)
+    assert padded[..., :2, :].eq(-1).all() and padded[..., :, -2:].eq(-1).all()
+    with pytest.raises(ValueError, match="evenly"):
+        pad_images(x, 31)
+    with pytest.raises(ValueError, match="evenly"):
+        crop_images(x, 30)
+
+
+def test_encode_pads_and_scales_decode_crops():
+    vae = tiny_vae()
+    x = digits()
+    z = encode_images(vae, x, batch_size=4)  # two batches
+    assert z.shape == (6, 2, 16, 16)
+    with torch.no_grad():
+        want = vae.encode(pad_images(x, 32)).mode() * VAE32.scale_factor
+    torch.testing.assert_close(z, want)
+    images = decode_images(vae, z, image_size=28, batch_size=4)
+    assert images.shape == (6, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(images, crop_images(vae.decode_latents(z), 28))
+
+
+def test_fit_scale_factor_gives_unit_variance_latents():
+    vae = tiny_vae()
+    x = digits(16)
+    factor = fit_scale_factor(vae, x)
+    assert vae.config.scale_factor == factor != 1.0
+    assert encode_images(vae, x).std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_latent_cache_is_reused_only_for_the_same_autoencoder(tmp_path):
+    vae, x, path = tiny_vae(), digits(), tmp_path / "latents.safetensors"
+    first = cached_latents(vae, x, path, progress=False)
+    mtime = path.stat().st_mtime_ns
+    torch.testing.assert_close(cached_latents(vae, x, path, progress=False), first)
+    assert path.stat().st_mtime_ns == mtime  # read, not rewritten
+    other = tiny_vae(seed=1)
+    assert fingerprint(other) != fingerprint(vae)
+    rebuilt = cached_latents(other, x, path, progress=False)
+    assert not torch.allclose(rebuilt, first)
+
+
+def test_latent_checkpoint_uses_sd_prefixes_and_decodes_samples(tmp_path):
+    vae = tiny_vae()
+    torch.manual_seed(0)
+    unet = UNetModel(LATENT_UNET).eval()
+    randomize(unet, std=0.05)
+    path = save_diffusion(
+        tmp_path / "ldm.safetensors",
+        unet,
+        NoiseSchedule("linear", 50),
+        "eps",
+        vae=vae,
+        image_size=28,
+    )
+    from minisd.checkpoint import load_tensors
+
+    keys = set(load_tensors(path)[0])
+    assert keys == {UNET_PREFIX + k for k in unet.state_dict()} | {
+        VAE_PREFIX + k for k in vae.state_dict()
+    }
+    model = load_diffusion(path)
+    assert model.sample_shape == (2, 16, 16) and model.image_size == 28
+    z = torch.randn(3, *model.sample_shape)
+    images = model.decode(z)
+    assert images.shape == (3, 1, 28, 28)
+    torch.testing.assert_close(images, decode_images(vae, z, 28), atol=2e-2, rtol=0)  # fp16
+    with pytest.raises(ValueError, match="image_size"):
+        save_diffusion(
+            tmp_path / "x.safetensors", unet, NoiseSchedule("linear", 50), "eps", vae=vae
+        )
+
+
+def test_pixel_models_decode_to_themselves(tmp_path):
+    unet = UNetModel(dataclasses.replace(TINY, in_channels=1, out_channels=1))
+    model = load_diffusion(
+        save_diffusion(tmp_path / "p.safetensors", unet, NoiseSchedule("linear", 50), "eps")
+    )
+    x = torch.randn(2, 1, 8, 8)
+    assert model.vae is None and model.sample_shape is None and model.decode(x) is x
+
+
+def test_autoencoder_round_trip_keeps_the_scale_factor(tmp_path):
+    vae = tiny_vae()
+    fit_scale_factor(vae, digits(8))
+    loaded = load_autoencoder(save_autoencoder(tmp_path / "vae.safetensors", vae))
+    assert loaded.config == vae.config
+    x = pad_images(digits(2), 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, False)[0], vae(x, False)[0], atol=2e-2, rtol=0)
+    with pytest.raises(FileNotFoundError, match="train-vae"):
+        load_autoencoder(tmp_path / "missing.safetensors")
+    unet_path = save_diffusion(
+        tmp_path / "u.safetensors", UNetModel(LATENT_UNET), NoiseSchedule("linear", 5), "eps"
+    )
+    with pytest.raises(ValueError, match="not a minisd autoencoder checkpoint"):
+        load_autoencoder(unet_path)
+
+
+def test_smaller_inputs_keep_fewer_activations_and_costs_are_reported():
+    unet = UNetModel(dataclasses.replace(TINY, in_channels=1, out_channels=1))
+    t = torch.tensor([1, 2])
+    small = activation_bytes(unet, torch.randn(2, 1, 8, 8), t)
+    large = activation_bytes(unet, torch.randn(2, 1, 16, 16), t)
+    assert 3.5 < large / small < 4.5  # four times the pixels, about four times the memory
+    cost = training_cost(unet, (1, 8, 8), batch_size=2, steps=2, warmup=1)
+    assert cost["values_per_sample"] == 64 and cost["seconds_per_step"] > 0
+    assert cost["activation_bytes"] == small
