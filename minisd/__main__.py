@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 from pathlib import Path
 
@@ -17,18 +16,17 @@ import torch
 
 from minisd import unet as unet_module
 from minisd.checkpoint import save_json
+from minisd.cli import command_line, run_commands
 from minisd.course import get_device, hardware, seed_everything
 from minisd.data import LOADERS, load_dataset
-from minisd.pretrained import load_diffusion, save_diffusion
+from minisd.latent import cached_latents, encode_images
+from minisd.latent_cli import add_commands as add_latent_commands
+from minisd.pretrained import load_autoencoder, load_diffusion, save_diffusion
 from minisd.sampling import VARIANCES, sample_ddim, sample_ddpm
 from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
 from minisd.train import PREDICTIONS, TrainConfig, diffusion_loss_fn, fit
 
 PRESETS = ("TINY", "MNIST", "CIFAR")
-
-
-def _command(args: argparse.Namespace) -> str:
-    return "python -m minisd " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def _unet_config(args: argparse.Namespace, in_channels: int) -> unet_module.UNetConfig:
@@ -43,7 +41,13 @@ def _unet_config(args: argparse.Namespace, in_channels: int) -> unet_module.UNet
 
 def cmd_train(args: argparse.Namespace) -> None:
     images, labels = load_dataset(args.dataset, train=True, limit=args.limit)
-    cfg = _unet_config(args, images.shape[1])
+    vae, samples = None, images
+    if args.latent_vae:  # latent diffusion: encode the dataset once, train on scaled latents
+        vae = load_autoencoder(args.latent_vae, device=get_device(args.device))
+        cache = Path(args.run_dir) / "latents.safetensors" if args.run_dir else None
+        samples = cached_latents(vae, images, cache) if cache else encode_images(vae, images)
+        print(f"training on latents {tuple(samples.shape[1:])} of {args.latent_vae}")
+    cfg = _unet_config(args, samples.shape[1])
     model = unet_module.UNetModel(cfg)
     schedule = NoiseSchedule(args.schedule, args.timesteps)
     config = TrainConfig(
@@ -58,27 +62,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     loss_fn = diffusion_loss_fn(
         schedule, args.prediction, args.class_dropout if args.class_cond else 0.0
     )
-    data = (images, labels) if args.class_cond else (images,)
+    data = (samples, labels) if args.class_cond else (samples,)
     n_params = sum(p.numel() for p in model.parameters())
-    command = _command(args)
-    commands = [command]
-    if args.run_dir:  # a resumed run was made by several invocations: keep them all
-        log = Path(args.run_dir) / "commands.txt"
-        earlier = log.read_text().splitlines() if args.resume and log.is_file() else []
-        commands = earlier + [command]
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("\n".join(commands) + "\n")
+    commands = run_commands(args)
     print(
         f"training a {n_params / 1e6:.2f}M-parameter U-Net on {len(images)} {args.dataset} images"
     )
-    result = fit(model, loss_fn, data, config, run_dir=args.run_dir, resume=args.resume)
+    result = fit(
+        model, loss_fn, data, config, args.run_dir, args.resume, device=get_device(args.device)
+    )
     print(
         f"done: {result.step} steps, {result.seconds:.0f} s, "
         f"last loss {result.history[-1]['loss']:.4f}"
     )
     if args.export:
         export = Path(args.export)
-        save_diffusion(export, result.sampling_model, schedule, args.prediction)
+        image_size = images.shape[-1] if vae is not None else None
+        save_diffusion(
+            export, result.sampling_model, schedule, args.prediction, vae=vae, image_size=image_size
+        )
         sidecar = {
             "commands": commands,
             "unet_config": dataclasses.asdict(cfg),
@@ -87,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "schedule": {"kind": args.schedule, "num_timesteps": args.timesteps},
             "prediction": args.prediction,
             "dataset": args.dataset,
+            "latent_vae": args.latent_vae,
             "steps": result.step,
             "seconds": round(result.seconds),
             "hardware": hardware(),
@@ -109,8 +112,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     bundle = load_diffusion(args.checkpoint, device=device)
     generator = seed_everything(args.seed)
     cfg = bundle.unet.config
-    side = args.size
-    x_T = torch.randn(args.n, cfg.in_channels, side, side, generator=generator).to(device)
+    shape = bundle.sample_shape or (cfg.in_channels, args.size, args.size)  # latents or pixels
+    x_T = torch.randn(args.n, *shape, generator=generator).to(device)
     kwargs = {}
     if cfg.num_classes is not None:
         label = bundle.unet.null_class if args.label is None else args.label
@@ -118,7 +121,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     eps_fn = bundle.eps_fn(**kwargs)
     if args.sampler == "ddpm":
         x0 = sample_ddpm(
-            eps_fn, x_T, bundle.schedule, variance=args.variance, generator=generator, progress=True
+            eps_fn,
+            x_T,
+            bundle.schedule,
+            variance=args.variance,
+            generator=generator,
+            progress=True,
+            clip_x0=None if bundle.vae is not None else 1.0,  # latents are not in [-1, 1]
         )
     else:
         x0 = sample_ddim(
@@ -130,6 +139,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             generator=generator,
             progress=True,
         )
+    x0 = bundle.decode(x0).clamp(-1, 1)
     if args.out:
         show_images(x0.cpu(), nrow=int(args.n**0.5 + 0.999), size=0.6)
         plt.savefig(args.out, bbox_inches="tight", dpi=100)
@@ -152,7 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         sidecar_path = Path(args.checkpoint).with_suffix(".json")
         sidecar = load_json(sidecar_path) if sidecar_path.is_file() else {}
         sidecar["metrics"] = {
-            "command": _command(args),
+            "command": command_line(args),
             "sampler": result["name"],
             "seconds_per_sample": round(result["seconds_per_sample"], 4),
             "hardware": hardware(),
@@ -190,7 +200,7 @@ def cmd_compare_samplers(args: argparse.Namespace) -> None:
             f"confident {r['confident_fraction']:.1%} (n={args.n})"
         )
     out = Path(args.out)
-    results = {"command": _command(args), "hardware": hardware(), "n": args.n, "rows": rows}
+    results = {"command": command_line(args), "hardware": hardware(), "n": args.n, "rows": rows}
     save_json(out, results)
     save_tensors(out.with_suffix(".safetensors"), grids)
     print(f"wrote {out} and {out.with_suffix('.safetensors').name}")
@@ -208,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention-resolutions", type=int, nargs="*", default=None, help="override the preset's"
     )
     t.add_argument("--class-cond", action="store_true", help="condition on labels (10 classes)")
+    t.add_argument(
+        "--latent-vae", default=None, help="autoencoder checkpoint: train on its latents"
+    )
+    t.add_argument("--device", default=None)
     t.add_argument(
         "--class-dropout", type=float, default=0.1, help="p(label -> null) with --class-cond"
     )
@@ -264,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None)
     c.add_argument("--out", required=True, help="results .json (samples go beside it)")
     c.set_defaults(func=cmd_compare_samplers)
+    add_latent_commands(sub)
     return parser
 
 

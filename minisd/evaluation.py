@@ -48,26 +48,33 @@ def generate(
     image_size: int = 28,
     progress: bool = False,
 ) -> torch.Tensor:
-    """n samples (n, C, H, W) on the CPU, drawn in batches from one seeded generator."""
+    """n images (n, C, H, W) on the CPU, drawn in batches from one seeded generator.
+
+    Pixel models sample image_size x image_size; latent models sample latents and decode them.
+    """
     if setting.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {setting.sampler!r}")
     if setting.sampler == "ddpm" and setting.steps != model.schedule.num_timesteps:
         raise ValueError(f"DDPM runs all {model.schedule.num_timesteps} steps, got {setting.steps}")
     device = next(model.unet.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    channels = model.unet.config.in_channels
+    # latent models draw latents of their own shape (not clipped to [-1, 1]) and decode them
+    shape = model.sample_shape or (model.unet.config.in_channels, image_size, image_size)
+    clip_x0 = None if model.vae is not None else 1.0
     out = []
     for start in progress_bar(range(0, n, batch_size), progress, desc=setting.name):
         b = min(batch_size, n - start)
-        x_T = torch.randn(b, channels, image_size, image_size, generator=generator).to(device)
+        x_T = torch.randn(b, *shape, generator=generator).to(device)
         if setting.sampler == "ddpm":
-            x0 = sample_ddpm(model.eps_fn(), x_T, model.schedule, generator=generator)
+            x0 = sample_ddpm(
+                model.eps_fn(), x_T, model.schedule, generator=generator, clip_x0=clip_x0
+            )
         else:
             x0 = sample_ddim(
                 model.eps_fn(), x_T, model.schedule, num_steps=setting.steps, eta=setting.eta,
-                generator=generator, clip_x0=1.0,
+                generator=generator, clip_x0=clip_x0,
             )  # fmt: skip
-        out.append(x0.clamp(-1, 1).cpu())
+        out.append(model.decode(x0).clamp(-1, 1).cpu())
     return torch.cat(out)
 
 

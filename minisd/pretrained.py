@@ -45,7 +45,7 @@ class DiffusionModel:
         if self.vae is None:
             return None
         cfg = self.vae.config
-        side = cfg.resolution // cfg.downsampling_factor
+        side = (cfg.resolution or self.image_size) // cfg.downsampling_factor  # padded size
         return (self.unet.config.in_channels, side, side)
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ Notation (paper -> code):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -111,8 +112,8 @@ TINY = AutoencoderConfig(
     embed_dim=2,
     norm_num_groups=2,
 )
-# MNIST: 28 is not a multiple of 8, so factor 8 would need padding. Factor 4 instead:
-# 28x28x1 -> 7x7x4 = 196 values, a quarter of the 784 pixels.
+# MNIST, padded to 32x32 with background (`minisd.latent.pad_images`), as LeNet-5 did: 28 is
+# not a multiple of 8. Factor 4: 8x8x4 = 256 latent values for 784 pixels.
 MNIST_F4 = AutoencoderConfig(
     in_channels=1,
     out_ch=1,
@@ -121,11 +122,11 @@ MNIST_F4 = AutoencoderConfig(
     num_res_blocks=1,
     z_channels=4,
     embed_dim=4,
-    resolution=28,
+    resolution=32,
     norm_num_groups=8,
 )
-# The same 196 values as 14x14x1: less spatial and more channel compression than MNIST_F4.
-MNIST_F2 = replace(MNIST_F4, ch_mult=(1, 2), z_channels=1, embed_dim=1)
+# Factor 8 with 4 channels, SD's own latent shape: 4x4x4 = 64 values, 12x fewer than the pixels.
+MNIST_F8 = replace(MNIST_F4, ch_mult=(1, 2, 2, 2))
 # CompVis configs/stable-diffusion/v1-inference.yaml, first_stage_config.params.
 SD_V1 = AutoencoderConfig(
     in_channels=3,
@@ -372,8 +373,8 @@ class AutoencoderKL(nn.Module):
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(
                 f"image size {tuple(x.shape[-2:])} must be a multiple of the downsampling factor "
-                f"{factor} in height and width; pad or resize the images, or use fewer ch_mult "
-                "levels (MNIST's 28x28 works with factor 2 or 4, not 8)"
+                f"{factor} in height and width; pad or resize the images (MNIST: pad 28x28 to "
+                "32x32 with minisd.latent.pad_images), or use fewer ch_mult levels"
             )
 
 
@@ -391,44 +392,73 @@ def compute_scale_factor(latents: torch.Tensor) -> float:
     return 1.0 / std
 
 
+Features = Callable[[torch.Tensor], torch.Tensor]
+
+
 def vae_loss(
     model: AutoencoderKL,
     x: torch.Tensor,
     kl_weight: float,
     generator: torch.Generator | None = None,
     reconstruction: str = "l1",
+    perceptual: Features | None = None,
+    perceptual_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """rec + kl_weight * KL / D: ldm's autoencoder loss without LPIPS, GAN and learned variance.
+    """rec + kl_weight * KL / D (+ perceptual_weight * feature distance): ldm's autoencoder loss.
 
     ldm sums |x - x_rec| and the KL over each image and averages over the batch. Here both sums
     are divided by D = C*H*W pixel values: rec is the mean absolute (or squared) error, the KL is
     per pixel value. That is ldm's loss over D, so kl_weight means what it does in ldm (SD: 1e-6)
     and the loss stays O(1) at any image size. logs: loss, rec, kl (nats per image) as floats.
+
+    ldm adds LPIPS, a distance between a pretrained network's features of x and x_rec, and a GAN
+    loss; neither is available offline. `perceptual` plays LPIPS' role with any frozen feature
+    network (the course uses its MNIST classifier): the mean squared feature difference.
     """
-    _check_loss_args(kl_weight, reconstruction)
+    _check_loss_args(kl_weight, reconstruction, perceptual, perceptual_weight)
     x_rec, posterior = model(x, sample_posterior=True, generator=generator)
     error = (x_rec.float() - x.float()).abs()
     rec = (error if reconstruction == "l1" else error**2).mean()
     kl = posterior.kl().float().mean()  # (B,) -> nats per image
     loss = rec + kl_weight * kl / x[0].numel()
-    return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
+    logs = {"rec": rec.item(), "kl": kl.item()}
+    if perceptual is not None and perceptual_weight > 0:
+        with torch.no_grad():
+            target = perceptual(x.float())
+        p_loss = (perceptual(x_rec.float()) - target).pow(2).mean()
+        loss = loss + perceptual_weight * p_loss
+        logs["perceptual"] = p_loss.item()
+    return loss, {"loss": loss.item(), **logs}
 
 
-def _check_loss_args(kl_weight: float, reconstruction: str) -> None:
+def _check_loss_args(
+    kl_weight: float, reconstruction: str, perceptual: Features | None, perceptual_weight: float
+) -> None:
     if not kl_weight >= 0:
         raise ValueError(f"kl_weight must be >= 0 (ldm's SD autoencoder: 1e-6), got {kl_weight}")
     if reconstruction not in RECONSTRUCTIONS:
         raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {reconstruction!r}")
+    if not perceptual_weight >= 0 or (perceptual_weight > 0 and perceptual is None):
+        raise ValueError(
+            f"perceptual_weight must be >= 0 and needs a `perceptual` feature network, got "
+            f"{perceptual_weight} with perceptual={perceptual!r}"
+        )
 
 
-def vae_loss_fn(kl_weight: float, reconstruction: str = "l1") -> LossFn:
+def vae_loss_fn(
+    kl_weight: float,
+    reconstruction: str = "l1",
+    perceptual: Features | None = None,
+    perceptual_weight: float = 0.0,
+) -> LossFn:
     """A `fit` loss for batches (images, ...): `vae_loss` on batch[0], with fit's generator."""
-    _check_loss_args(kl_weight, reconstruction)
+    _check_loss_args(kl_weight, reconstruction, perceptual, perceptual_weight)
 
     def loss_fn(
         model: nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator
     ) -> torch.Tensor:
-        return vae_loss(model, batch[0], kl_weight, gen, reconstruction)[0]
+        args = (kl_weight, gen, reconstruction, perceptual, perceptual_weight)
+        return vae_loss(model, batch[0], *args)[0]
 
     return loss_fn
 

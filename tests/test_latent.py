@@ -158,3 +158,39 @@ def test_smaller_inputs_keep_fewer_activations_and_costs_are_reported():
     cost = training_cost(unet, (1, 8, 8), batch_size=2, steps=2, warmup=1)
     assert cost["values_per_sample"] == 64 and cost["seconds_per_step"] > 0
     assert cost["activation_bytes"] == small
+
+
+def test_command_line_vae_then_latent_diffusion(tmp_path, monkeypatch):
+    from minisd import __main__ as cli
+    from minisd import latent_cli
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 1, 28, 28, generator=g) * 2 - 1
+    y = torch.randint(0, 10, (32,), generator=g)
+    fake = lambda name, train, limit: (x[:limit], y[:limit])  # noqa: E731
+    monkeypatch.setattr(cli, "load_dataset", fake)
+    monkeypatch.setattr(latent_cli, "load_dataset", fake)
+    monkeypatch.setattr(latent_cli, "load_mnist", lambda train, limit: (x[:limit], y[:limit]))
+    vae_path, ldm_path = tmp_path / "vae.safetensors", tmp_path / "ldm.safetensors"
+    common = ["--limit", "16", "--batch-size", "8", "--steps", "2"]
+    cli.main(["train-vae", "--preset", "TINY", *common, "--export", str(vae_path)])
+    sidecar = __import__("json").loads(vae_path.with_suffix(".json").read_text())
+    vae = load_autoencoder(vae_path)
+    assert vae.config.scale_factor == pytest.approx(sidecar["scale_factor"]["value"])
+    assert sidecar["steps"] == 2 and sidecar["commands"][0].startswith("python -m minisd train-vae")
+
+    cli.main(["evaluate-vae", "--checkpoint", str(vae_path), "--n", "16", "--write-sidecar"])
+    metrics = __import__("json").loads(vae_path.with_suffix(".json").read_text())["metrics"]
+    assert metrics["n"] == 16 and metrics["meets_bar"] is False  # two steps of training
+    assert metrics["latent_values"] == 2 * 14 * 14 and metrics["pixel_values"] == 784
+
+    run = tmp_path / "run"
+    ldm_args = ["train", "--preset", "TINY", "--latent-vae", str(vae_path), *common]
+    cli.main([*ldm_args, "--run-dir", str(run), "--export", str(ldm_path)])
+    assert (run / "latents.safetensors").is_file()
+    model = load_diffusion(ldm_path)
+    assert model.vae is not None and model.sample_shape == (2, 14, 14) and model.image_size == 28
+    pt = tmp_path / "s.pt"
+    cli.main(["sample", "--checkpoint", str(ldm_path), "--n", "2", "--steps", "2",
+              "--out", "", "--save-tensor", str(pt)])  # fmt: skip
+    assert torch.load(pt).shape == (2, 1, 28, 28)

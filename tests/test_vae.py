@@ -15,8 +15,8 @@ from helpers import randomize
 from minisd.summary import count_parameters
 from minisd.train import TrainConfig, fit
 from minisd.vae import (
-    MNIST_F2,
     MNIST_F4,
+    MNIST_F8,
     SD_V1,
     SD_V1_NUM_PARAMS,
     TINY,
@@ -127,8 +127,8 @@ def test_small_autoencoder_matches_diffusers_at_identical_weights() -> None:
     ("config", "image", "latent"),
     [
         (TINY, (3, 8, 12), (2, 4, 6)),
-        (MNIST_F4, (1, 28, 28), (4, 7, 7)),  # 196 latent values for 784 pixels
-        (MNIST_F2, (1, 28, 28), (1, 14, 14)),  # the same 196, laid out differently
+        (MNIST_F4, (1, 32, 32), (4, 8, 8)),  # padded MNIST: 256 latent values
+        (MNIST_F8, (1, 32, 32), (4, 4, 4)),  # SD's factor and channels: 64 values
     ],
 )
 def test_presets_encode_and_decode_the_advertised_shapes(config, image, latent) -> None:
@@ -143,14 +143,10 @@ def test_presets_encode_and_decode_the_advertised_shapes(config, image, latent) 
 
 def test_presets_have_the_advertised_sizes() -> None:
     assert count_parameters(AutoencoderKL(TINY)) < 20_000
-    assert (
-        500_000
-        < count_parameters(AutoencoderKL(MNIST_F2))
-        < count_parameters(AutoencoderKL(MNIST_F4))
-    )
-    assert count_parameters(AutoencoderKL(MNIST_F4)) < 1_000_000
-    factors = [c.downsampling_factor for c in (TINY, MNIST_F2, MNIST_F4, SD_V1)]
-    assert factors == [2, 2, 4, 8]
+    assert 500_000 < count_parameters(AutoencoderKL(MNIST_F4)) < 1_000_000
+    assert count_parameters(AutoencoderKL(MNIST_F8)) < 1_500_000
+    factors = [c.downsampling_factor for c in (TINY, MNIST_F4, MNIST_F8, SD_V1)]
+    assert factors == [2, 4, 8, 8]
     assert SD_V1.scale_factor == 0.18215 and TINY.scale_factor == 1.0
 
 
@@ -232,6 +228,23 @@ def test_loss_is_reconstruction_plus_weighted_kl_per_pixel_value() -> None:
         assert loss.item() == pytest.approx(want, rel=1e-6) == logs["loss"]
 
 
+def test_perceptual_term_adds_the_weighted_feature_distance() -> None:
+    torch.manual_seed(0)
+    model, x = AutoencoderKL(TINY), _smooth_images(2)
+    features = torch.nn.Conv2d(3, 5, 3)  # any frozen network's features
+    gen = torch.Generator().manual_seed(0)
+    loss, logs = vae_loss(model, x, 0.5, gen, "l1", features, perceptual_weight=2.0)
+    gen = torch.Generator().manual_seed(0)  # same posterior sample
+    x_rec, _ = model(x, sample_posterior=True, generator=gen)
+    want = (features(x_rec) - features(x)).pow(2).mean().item()
+    assert logs["perceptual"] == pytest.approx(want, rel=1e-5)
+    assert loss.item() == pytest.approx(
+        logs["rec"] + 0.5 * logs["kl"] / (3 * 8 * 8) + 2.0 * want, rel=1e-5
+    )
+    with pytest.raises(ValueError, match="needs a `perceptual` feature network"):
+        vae_loss_fn(1e-6, perceptual_weight=1.0)
+
+
 def test_loss_falls_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     model, x = AutoencoderKL(TINY), _smooth_images(8)
@@ -276,10 +289,8 @@ def test_bad_inputs_raise_helpful_errors() -> None:
         model.encode(torch.randn(3, 8, 8))
     with pytest.raises(ValueError, match=r"\(9, 8\) must be a multiple of .* 2.*pad or resize"):
         model(torch.randn(1, 3, 9, 8))
-    with pytest.raises(ValueError, match=r"\(28, 28\) must be a multiple of .* 8"):
-        AutoencoderKL(dataclasses.replace(MNIST_F4, ch_mult=(1, 1, 1, 1))).encode(
-            torch.randn(1, 1, 28, 28)
-        )
+    with pytest.raises(ValueError, match=r"\(28, 28\) must be a multiple of .* 8.*pad_images"):
+        AutoencoderKL(MNIST_F8).encode(torch.randn(1, 1, 28, 28))
     with pytest.raises(ValueError, match=r"z must have shape \(B, 2, H, W\).*embed_dim=2"):
         model.decode(torch.randn(1, 4, 4, 4))
     with pytest.raises(ValueError, match=r"mean and logvar stacked"):

@@ -1,0 +1,27 @@
+"""What every command line records: the command itself, and every command of a resumed run."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed, for sidecars and results files: `python -m minisd ...`."""
+    return "python -m minisd " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def run_commands(args: argparse.Namespace) -> list[str]:
+    """All commands that made the run in args.run_dir, this one last (kept in commands.txt).
+
+    A resumed run is made by several invocations; a sidecar lists them all.
+    """
+    command = command_line(args)
+    if not getattr(args, "run_dir", None):
+        return [command]
+    log = Path(args.run_dir) / "commands.txt"
+    earlier = log.read_text().splitlines() if args.resume and log.is_file() else []
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("\n".join([*earlier, command]) + "\n")
+    return [*earlier, command]
