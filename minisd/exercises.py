@@ -171,3 +171,62 @@ def check_ddim_step(fn: Callable[..., torch.Tensor]) -> bool:
                 f"wrong at t={t}; hint: predict x0, then re-noise it to ab_prev with eps",
             )
     return _report(name, True)
+
+
+# ----- notebook 03: the autoencoder and latent space -------------------------------------------
+def check_reparameterize(fn: Callable[..., torch.Tensor]) -> bool:
+    """Exercise 03.1: fn(mean, logvar, eps) -> z = mean + std * eps, std from the log-variance."""
+    name = "Exercise 1 (the reparameterisation trick)"
+    g = torch.Generator().manual_seed(3)
+    mean, logvar, eps = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    want = mean + torch.exp(0.5 * logvar) * eps
+    got, err = _attempt(name, fn, mean, logvar, eps)
+    if err:
+        return _report(name, False, err)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return _report(name, False, f"return a tensor shaped like mean, {tuple(want.shape)}")
+    if torch.allclose(got, mean + torch.exp(logvar) * eps, atol=1e-5):
+        return _report(name, False, "that scales eps by the variance; std = exp(logvar / 2)")
+    if not torch.allclose(got, want, atol=1e-5):
+        return _report(name, False, "hint: z = mean + exp(0.5 * logvar) * eps")
+    return _report(name, True)
+
+
+def check_gaussian_kl(fn: Callable[..., torch.Tensor]) -> bool:
+    """Exercise 03.2: fn(mean, logvar) -> KL(N(mean, exp(logvar)) || N(0, I)) per sample, (B,)."""
+    from minisd.vae import DiagonalGaussianDistribution
+
+    name = "Exercise 2 (KL to the standard normal)"
+    g = torch.Generator().manual_seed(4)
+    mean, logvar = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    want = DiagonalGaussianDistribution(torch.cat([mean, logvar], 1)).kl()
+    got, err = _attempt(name, fn, mean, logvar)
+    if err:
+        return _report(name, False, err)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        return _report(name, False, f"one KL per sample: expected shape (3,), got {shape}")
+    if not torch.allclose(got, want, rtol=1e-4):
+        return _report(
+            name, False, "hint: 0.5 * (mean^2 + exp(logvar) - 1 - logvar), summed over C, H, W"
+        )
+    return _report(name, True)
+
+
+def check_scale_factor(fn: Callable[[torch.Tensor], float]) -> bool:
+    """Exercise 03.3: fn(latents) -> the factor that gives the latents unit standard deviation."""
+    name = "Exercise 3 (the latent scale factor)"
+    latents = torch.randn(64, 4, 4, 4, generator=torch.Generator().manual_seed(5)) * 5.5 + 0.3
+    want = 1.0 / latents.flatten().std().item()
+    got, err = _attempt(name, fn, latents)
+    if err:
+        return _report(name, False, err)
+    try:
+        got = float(got)
+    except (TypeError, ValueError):
+        return _report(name, False, f"return one number, got {type(got).__name__}")
+    if abs(got - 1 / want) < 1e-3 * (1 / want):
+        return _report(name, False, "that is the std itself; the factor multiplies the latents")
+    if abs(got - want) > 1e-3 * want:
+        return _report(name, False, "hint: one std over all values of all latents, then 1 / it")
+    return _report(name, True)

@@ -44,6 +44,10 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
     cfg = dataclasses.replace(
         getattr(vae_module, args.preset), in_channels=images.shape[1], out_ch=images.shape[1]
     )
+    if args.latent_channels:
+        cfg = dataclasses.replace(
+            cfg, z_channels=args.latent_channels, embed_dim=args.latent_channels
+        )
     data = pad_images(images, cfg.resolution) if cfg.resolution else images
     perceptual = None
     if args.perceptual_weight > 0:
@@ -244,6 +248,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--dataset", choices=sorted(LOADERS), default="mnist")
     v.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     v.add_argument("--preset", choices=VAE_PRESETS, default="MNIST_F8")
+    v.add_argument("--latent-channels", type=int, default=None, help="override the preset's")
     v.add_argument("--kl-weight", type=float, default=1e-6, help="ldm's SD autoencoder: 1e-6")
     v.add_argument("--reconstruction", choices=vae_module.RECONSTRUCTIONS, default="l1")
     v.add_argument(

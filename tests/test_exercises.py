@@ -94,3 +94,27 @@ def test_ddim_step_checker():
 
     assert exercises.check_ddim_step(right)
     assert not exercises.check_ddim_step(forgets_renoising)
+
+
+def test_reparameterize_checker(capsys):
+    assert not exercises.check_reparameterize(lambda m, lv, e: m + torch.exp(lv) * e)
+    assert "variance" in capsys.readouterr().out
+    assert exercises.check_reparameterize(lambda m, lv, e: m + torch.exp(0.5 * lv) * e)
+    assert not exercises.check_reparameterize(not_attempted)
+
+
+def test_gaussian_kl_checker(capsys):
+    def kl(m, lv):
+        return 0.5 * (m**2 + lv.exp() - 1 - lv).sum((1, 2, 3))
+
+    assert exercises.check_gaussian_kl(kl)
+    assert not exercises.check_gaussian_kl(lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv))
+    assert "one KL per sample" in capsys.readouterr().out
+    assert not exercises.check_gaussian_kl(lambda m, lv: (m**2 + lv.exp() - 1 - lv).sum((1, 2, 3)))
+
+
+def test_scale_factor_checker(capsys):
+    assert exercises.check_scale_factor(lambda z: 1 / z.std().item())
+    assert not exercises.check_scale_factor(lambda z: z.std().item())
+    assert "std itself" in capsys.readouterr().out
+    assert not exercises.check_scale_factor(lambda z: 1 / z.abs().max().item())

@@ -173,7 +173,18 @@ def test_command_line_vae_then_latent_diffusion(tmp_path, monkeypatch):
     monkeypatch.setattr(latent_cli, "load_mnist", lambda train, limit: (x[:limit], y[:limit]))
     vae_path, ldm_path = tmp_path / "vae.safetensors", tmp_path / "ldm.safetensors"
     common = ["--limit", "16", "--batch-size", "8", "--steps", "2"]
-    cli.main(["train-vae", "--preset", "TINY", *common, "--export", str(vae_path)])
+    cli.main(
+        [
+            "train-vae",
+            "--preset",
+            "TINY",
+            "--latent-channels",
+            "2",
+            *common,
+            "--export",
+            str(vae_path),
+        ]
+    )
     sidecar = __import__("json").loads(vae_path.with_suffix(".json").read_text())
     vae = load_autoencoder(vae_path)
     assert vae.config.scale_factor == pytest.approx(sidecar["scale_factor"]["value"])
