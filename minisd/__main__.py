@@ -55,6 +55,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_steps=args.warmup,
+        decay_steps=args.decay_steps,
         ema_decay=args.ema_decay,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--warmup", type=int, default=0)
+    t.add_argument(
+        "--decay-steps", type=int, default=0, help="lr falls linearly to 0 over the last N steps"
+    )
     t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=250)

@@ -42,6 +42,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    decay_steps: int = 0  # lr falls linearly to 0 over the last decay_steps steps
     ema_decay: float | None = 0.999
     grad_clip: float | None = 1.0
     mixed_precision: bool = True  # only on CUDA; CPU always trains in float32
@@ -61,6 +62,11 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("log_every and checkpoint_every must be >= 1")
+        if not 0 <= self.decay_steps <= self.steps or self.warmup_steps < 0:
+            raise ValueError(
+                f"decay_steps must be in [0, steps={self.steps}] and warmup_steps >= 0, "
+                f"got {self.decay_steps} and {self.warmup_steps}"
+            )
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0 or None, got {self.max_seconds}")
 
@@ -101,8 +107,16 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 
 
 def _lr_at(config: TrainConfig, step: int) -> float:
+    """Warm up linearly, hold lr, then (if decay_steps) fall linearly to 0 at the last step.
+
+    Warmup-stable-decay: the constant phase can be resumed and extended at will, and a decay can
+    be branched off any of its checkpoints, which is why decay_steps may change on resume.
+    """
     if config.warmup_steps and step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    left = config.steps - step
+    if config.decay_steps and left <= config.decay_steps:
+        return config.lr * left / config.decay_steps
     return config.lr
 
 

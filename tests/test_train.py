@@ -89,6 +89,25 @@ def test_max_seconds_stops_early_and_checkpoints_where_it_stopped(tmp_path):
         TrainConfig(steps=1, max_seconds=0)
 
 
+def test_lr_warms_up_holds_and_decays_to_zero():
+    cfg = TrainConfig(steps=10, warmup_steps=2, decay_steps=4, lr=1.0)
+    lrs = [train._lr_at(cfg, step) for step in range(10)]
+    assert lrs == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    with pytest.raises(ValueError, match="decay_steps"):
+        TrainConfig(steps=3, decay_steps=4)
+
+
+def test_a_decay_can_branch_off_a_constant_lr_checkpoint(tmp_path):
+    x, _ = toy_data()
+    stable = TrainConfig(steps=4, batch_size=8, log_every=2, checkpoint_every=2)
+    fit(fresh_model(), diffusion_loss_fn(SCHED), (x,), stable, tmp_path, progress=False)
+    decay = dataclasses.replace(stable, steps=6, decay_steps=2)
+    result = fit(
+        fresh_model(), diffusion_loss_fn(SCHED), (x,), decay, tmp_path, resume=True, progress=False
+    )
+    assert [r["lr"] for r in result.history] == [stable.lr, stable.lr, stable.lr / 2]
+
+
 def test_resume_refuses_what_would_be_a_different_run(tmp_path):
     x, _ = toy_data()
     cfg = TrainConfig(steps=2, batch_size=8, ema_decay=None)
