@@ -39,6 +39,44 @@ def _unet_config(args: argparse.Namespace, in_channels: int) -> unet_module.UNet
     return dataclasses.replace(cfg, **changes)
 
 
+def _init_from(args: argparse.Namespace, model: torch.nn.Module, schedule: NoiseSchedule) -> dict:
+    """Start from an exported model's weights (e.g. to branch an lr decay off a finished run).
+
+    Returns what the exported model's sidecar says made it, so the new sidecar lists every
+    command and counts every step and second behind the weights it ships.
+    """
+    bundle = load_diffusion(args.init_from)
+    mismatch = [
+        f"{what}: {theirs} vs {ours}"
+        for what, theirs, ours in (
+            ("unet_config", bundle.unet.config, model.config),
+            (
+                "schedule",
+                (bundle.schedule.kind, bundle.schedule.num_timesteps),
+                (schedule.kind, schedule.num_timesteps),
+            ),
+            ("prediction", bundle.prediction, args.prediction),
+            ("latent model", bundle.vae is not None, bool(args.latent_vae)),
+        )
+        if theirs != ours
+    ]
+    if mismatch:
+        raise ValueError(
+            f"--init-from {args.init_from} was trained with other settings ("
+            + "; ".join(mismatch)
+            + "); pass the --preset/--schedule/--prediction flags it was trained with"
+        )
+    model.load_state_dict(bundle.unet.state_dict())
+    sidecar = bundle.metadata["sidecar"]
+    print(f"starting from the weights of {args.init_from} ({sidecar.get('steps', '?')} steps)")
+    return {
+        "checkpoint": str(args.init_from),
+        "commands": sidecar.get("commands", []),
+        "steps": sidecar.get("steps", 0),
+        "seconds": sidecar.get("seconds", 0),
+    }
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     images, labels = load_dataset(args.dataset, train=True, limit=args.limit)
     vae, samples = None, images
@@ -50,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = _unet_config(args, samples.shape[1])
     model = unet_module.UNetModel(cfg)
     schedule = NoiseSchedule(args.schedule, args.timesteps)
+    init = _init_from(args, model, schedule) if args.init_from else None
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -83,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             export, result.sampling_model, schedule, args.prediction, vae=vae, image_size=image_size
         )
         sidecar = {
-            "commands": commands,
+            "commands": (init["commands"] if init else []) + commands,
             "unet_config": dataclasses.asdict(cfg),
             "parameters": n_params,
             "train_config": dataclasses.asdict(config),
@@ -91,8 +130,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             "prediction": args.prediction,
             "dataset": args.dataset,
             "latent_vae": args.latent_vae,
-            "steps": result.step,
-            "seconds": round(result.seconds),
+            "steps": result.step + (init["steps"] if init else 0),
+            "seconds": round(result.seconds) + (init["seconds"] if init else 0),
+            "init_from": init and {k: init[k] for k in ("checkpoint", "steps", "seconds")},
             "hardware": hardware(),
             "final_loss": round(result.history[-1]["loss"], 5),
             "weights": "EMA" if result.ema is not None else "raw",
@@ -241,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=250)
     t.add_argument("--run-dir", default=None, help="folder for the resumable training checkpoint")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    t.add_argument(
+        "--init-from",
+        default=None,
+        help="start from an exported model's weights (fresh optimiser; its sidecar carries over)",
+    )
     t.add_argument(
         "--export", default=None, help="write the EMA model + JSON sidecar here at the end"
     )

@@ -1,6 +1,7 @@
 """Training: loss falls, resume equals an uninterrupted run, EMA, the objective, the CLI."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -286,3 +287,22 @@ def test_command_line_train_resume_export_sample(tmp_path, monkeypatch):
         ]
     )
     assert png.stat().st_size > 0 and torch.load(pt).shape == (4, 1, 28, 28)
+
+
+def test_command_line_init_from_branches_a_run_and_keeps_its_history(tmp_path, monkeypatch):
+    from minisd import __main__ as cli
+
+    x, y = toy_data(64)
+    x = torch.nn.functional.pad(x, (10, 10, 10, 10), value=-1.0)
+    monkeypatch.setattr(cli, "load_dataset", lambda name, train, limit: (x[:limit], y[:limit]))
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    base = ["train", "--preset", "TINY", "--limit", "32", "--batch-size", "8"]
+    cli.main(base + ["--steps", "3", "--export", str(first)])
+    cli.main(base + ["--steps", "2", "--decay-steps", "2", "--init-from", str(first),
+                     "--export", str(second)])  # fmt: skip
+    a = json.loads(first.with_suffix(".json").read_text())
+    b = json.loads(second.with_suffix(".json").read_text())
+    assert b["steps"] == 5 and b["init_from"]["steps"] == 3
+    assert b["commands"][:1] == a["commands"] and "--init-from" in b["commands"][1]
+    with pytest.raises(ValueError, match="trained with other settings"):
+        cli.main(base + ["--steps", "1", "--schedule", "cosine", "--init-from", str(first)])
