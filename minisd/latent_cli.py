@@ -164,19 +164,44 @@ def cmd_evaluate_vae(args: argparse.Namespace) -> None:
         print(f"wrote metrics into {path}")
 
 
+SPACES = ("pixel", "latent", "unscaled")
+
+
+def _spaces(vae: AutoencoderKL, images: torch.Tensor, spaces: list[str]) -> dict:
+    """What each model trains on, and the autoencoder that decodes its samples (None: pixels).
+
+    "unscaled" trains on the raw latents (std 1/scale_factor): the same latents as "latent"
+    without SD's scaling, decoded by a copy of the autoencoder whose scale_factor is 1.
+    """
+    out: dict[str, tuple[torch.Tensor, AutoencoderKL | None]] = {}
+    latents = encode_images(vae, images, progress=True) if set(spaces) - {"pixel"} else None
+    for space in spaces:
+        if space == "pixel":
+            out[space] = (images, None)
+        elif space == "latent":
+            out[space] = (latents, vae)
+        else:
+            raw = copy.deepcopy(vae)
+            raw.config = dataclasses.replace(vae.config, scale_factor=1.0)
+            out[space] = (latents / vae.config.scale_factor, raw)
+    return out
+
+
 def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
-    """Same U-Net widths, same training time: one model on pixels, one on latents."""
+    """Same U-Net widths, same training time: one model per space (pixels, latents, ...)."""
     from minisd import unet as unet_module
+    from minisd.checkpoint import save_tensors
     from minisd.evaluation import SamplerSetting, generate
     from minisd.metrics import evaluate_samples, load_classifier, real_baseline, reference_features
     from minisd.pretrained import DiffusionModel
     from minisd.schedule import NoiseSchedule
     from minisd.train import diffusion_loss_fn
 
+    if len(set(args.spaces)) != len(args.spaces):
+        raise ValueError(f"--spaces lists a space twice: {args.spaces}")
     device = get_device(args.device)
     vae = load_autoencoder(args.vae, device=device)
     images, _ = load_mnist(train=True, limit=args.limit)
-    latents = encode_images(vae, images, progress=True)
     schedule = NoiseSchedule("linear", 1000)
     base = dataclasses.replace(
         getattr(unet_module, args.preset), attention_resolutions=tuple(args.attention_resolutions)
@@ -188,8 +213,8 @@ def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
     classifier = load_classifier()
     reference = reference_features(classifier)
     baseline = real_baseline(args.n, classifier, reference, kid_subset_size=min(1000, args.n))
-    rows = []
-    for space, data in (("pixel", images), ("latent", latents)):
+    rows, kept = [], {}
+    for space, (data, decoder) in _spaces(vae, images, args.spaces).items():
         channels = data.shape[1]
         cfg = dataclasses.replace(base, in_channels=channels, out_channels=channels)
         seed_everything(args.seed)
@@ -197,18 +222,20 @@ def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
         cost = training_cost(copy.deepcopy(unet), tuple(data.shape[1:]), args.batch_size,
                              device=device)  # fmt: skip
         result = fit(unet, diffusion_loss_fn(schedule), (data,), config, device=device)
+        image_size = images.shape[-1] if decoder is not None else None
         model = DiffusionModel(
-            result.sampling_model.eval(), schedule, "eps", {}, vae if space == "latent" else None,
-            images.shape[-1] if space == "latent" else None,
-        )  # fmt: skip
+            result.sampling_model.eval(), schedule, "eps", {}, decoder, image_size
+        )
         start = time.perf_counter()
         samples = generate(model, args.n, SamplerSetting("ddim", 50), seed=args.seed)
         sample_seconds = (time.perf_counter() - start) / args.n
+        kept[space] = samples[: args.keep].contiguous()
         report = evaluate_samples(samples, classifier, reference, label=space,
                                   kid_subset_size=min(1000, args.n))  # fmt: skip
         rows.append({
             "space": space,
             "sample_shape": list(data.shape[1:]),
+            "data_std": data.std().item(),
             "values_per_sample": cost["values_per_sample"],
             "parameters": sum(p.numel() for p in unet.parameters()),
             "seconds_per_step": cost["seconds_per_step"],
@@ -220,27 +247,32 @@ def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
             "report": dataclasses.asdict(report),
         })  # fmt: skip
         print(
-            f"{space:>6}: {cost['values_per_sample']} values, "
+            f"{space:>8}: {cost['values_per_sample']} values, "
             f"{cost['seconds_per_step'] * 1000:.0f} ms/step, "
             f"{cost['activation_bytes'] / 2**20:.1f} MiB activations, {result.step} steps in "
             f"{result.seconds:.0f} s, FID {report.mnist_fid:.2f}, "
             f"confident {report.confident_fraction:.1%} (n={args.n})"
         )
-    speedup = rows[0]["seconds_per_step"] / rows[1]["seconds_per_step"]
-    print(f"latent training step is {speedup:.1f}x faster")
-    out = {
+    by_space = {r["space"]: r for r in rows}
+    if {"pixel", "latent"} <= set(by_space):
+        speedup = by_space["pixel"]["seconds_per_step"] / by_space["latent"]["seconds_per_step"]
+        print(f"a latent training step is {speedup:.1f}x faster than a pixel one")
+    out = Path(args.out)
+    results = {
         "command": command_line(args),
         "hardware": hardware(),
         "batch_size": args.batch_size,
         "unet_config": dataclasses.asdict(base),
         "vae": str(args.vae),
+        "scale_factor": vae.config.scale_factor,
         "n": args.n,
         "sampler": "DDIM-50",
         "rows": rows,
         "baseline": dataclasses.asdict(baseline),
     }
-    save_json(args.out, out)
-    print(f"wrote {args.out}")
+    save_json(out, results)
+    save_tensors(out.with_suffix(".safetensors"), kept)
+    print(f"wrote {out} and {out.with_suffix('.safetensors').name}")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -286,7 +318,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--ema-decay", type=float, default=0.999)
     c.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     c.add_argument("--n", type=int, default=1000, help="samples scored per model")
+    c.add_argument(
+        "--spaces",
+        nargs="+",
+        choices=SPACES,
+        default=list(SPACES),
+        help="what to train on: pixels, scaled latents, latents without the scale factor",
+    )
+    c.add_argument("--keep", type=int, default=16, help="samples per model kept for display")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default=None)
-    c.add_argument("--out", required=True, help="results .json")
+    c.add_argument("--out", required=True, help="results .json (samples go beside it)")
     c.set_defaults(func=cmd_latent_vs_pixel)

@@ -1,11 +1,13 @@
 """Latent diffusion plumbing: padding, encode/decode, the latent cache, checkpoints, costs."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from helpers import randomize
 
+from minisd.checkpoint import load_tensors
 from minisd.latent import (
     activation_bytes,
     cached_latents,
@@ -205,3 +207,42 @@ def test_command_line_vae_then_latent_diffusion(tmp_path, monkeypatch):
     cli.main(["sample", "--checkpoint", str(ldm_path), "--n", "2", "--steps", "2",
               "--out", "", "--save-tensor", str(pt)])  # fmt: skip
     assert torch.load(pt).shape == (2, 1, 28, 28)
+
+
+def test_latent_vs_pixel_trains_every_space_for_equal_time(tmp_path, monkeypatch):
+    from minisd import __main__ as cli
+    from minisd import latent_cli, metrics
+    from minisd.metrics import MnistClassifier, classify, evaluate_samples
+    from minisd.pretrained import save_autoencoder
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 1, 28, 28, generator=g) * 2 - 1
+    torch.manual_seed(0)
+    classifier = MnistClassifier().eval()
+    monkeypatch.setattr(latent_cli, "load_mnist", lambda train, limit: (x[:limit], None))
+    monkeypatch.setattr(metrics, "load_classifier", lambda: classifier)
+    monkeypatch.setattr(metrics, "reference_features", lambda c: classify(c, x)[0])
+    monkeypatch.setattr(
+        metrics, "real_baseline", lambda n, c, ref, **kw: evaluate_samples(x[:n], c, ref, **kw)
+    )
+    vae = AutoencoderKL(dataclasses.replace(TINY_VAE, in_channels=1, out_ch=1))
+    vae.config = dataclasses.replace(vae.config, scale_factor=0.5)
+    vae_path, out = tmp_path / "vae.safetensors", tmp_path / "cmp.json"
+    save_autoencoder(vae_path, vae)
+    cli.main(["latent-vs-pixel", "--vae", str(vae_path), "--preset", "TINY", "--seconds", "0.5",
+              "--batch-size", "4", "--limit", "16", "--n", "8", "--keep", "3",
+              "--out", str(out)])  # fmt: skip
+    results = json.loads(out.read_text())
+    rows = {r["space"]: r for r in results["rows"]}
+    assert list(rows) == ["pixel", "latent", "unscaled"]
+    assert rows["pixel"]["values_per_sample"] == 784
+    assert rows["latent"]["values_per_sample"] == rows["unscaled"]["values_per_sample"] == 392
+    assert rows["unscaled"]["data_std"] == pytest.approx(2 * rows["latent"]["data_std"], rel=1e-4)
+    assert all(r["train_steps"] >= 1 and r["report"]["n"] == 8 for r in rows.values())
+    kept = load_tensors(out.with_suffix(".safetensors"))[0]
+    assert {k: tuple(v.shape) for k, v in kept.items()} == {
+        s: (3, 1, 28, 28) for s in ("pixel", "latent", "unscaled")
+    }
+    with pytest.raises(ValueError, match="twice"):
+        cli.main(["latent-vs-pixel", "--vae", str(vae_path), "--seconds", "1", "--spaces",
+                  "pixel", "pixel", "--out", str(out)])  # fmt: skip
