@@ -100,7 +100,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every,
     )
     loss_fn = diffusion_loss_fn(
-        schedule, args.prediction, args.class_dropout if args.class_cond else 0.0
+        schedule,
+        args.prediction,
+        args.class_dropout if args.class_cond else 0.0,
+        args.min_snr_gamma,
     )
     data = (samples, labels) if args.class_cond else (samples,)
     n_params = sum(p.numel() for p in model.parameters())
@@ -128,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "train_config": dataclasses.asdict(config),
             "schedule": {"kind": args.schedule, "num_timesteps": args.timesteps},
             "prediction": args.prediction,
+            "min_snr_gamma": args.min_snr_gamma,
             "dataset": args.dataset,
             "latent_vae": args.latent_vae,
             "steps": result.step + (init["steps"] if init else 0),
@@ -269,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=SCHEDULE_KINDS, default="linear")
     t.add_argument("--timesteps", type=int, default=1000)
     t.add_argument("--prediction", choices=PREDICTIONS, default="eps")
+    t.add_argument(
+        "--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting (paper: 5)"
+    )
     t.add_argument("--steps", type=int, required=True)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-4)

@@ -281,22 +281,46 @@ def diffusion_loss(
     x0: torch.Tensor,
     generator: torch.Generator,
     prediction: str = "eps",
+    min_snr_gamma: float | None = None,
     **model_kwargs: Any,
 ) -> torch.Tensor:
-    """MSE between the model's output and the target at uniformly drawn t (DDPM Alg. 1)."""
+    """MSE between the model's output and the target at uniformly drawn t (DDPM Alg. 1).
+
+    min_snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023): each sample's error is weighted by
+    min(SNR(t), gamma) / SNR(t) for eps (/ (SNR(t) + 1) for v), which turns down the nearly clean
+    steps that dominate training and lets the noisy steps, where shapes are decided, count more.
+    None: the plain loss (every step weighted equally in eps).
+    """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    _check_gamma(min_snr_gamma)
     t = torch.randint(
         0, schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
     )
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = schedule.add_noise(x0, noise, t)
     target = noise if prediction == "eps" else schedule.velocity(x0, noise, t)
-    return F.mse_loss(model(x_t, t, **model_kwargs).float(), target.float())
+    output = model(x_t, t, **model_kwargs).float()
+    if min_snr_gamma is None:
+        return F.mse_loss(output, target.float())
+    per_sample = (output - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    snr = schedule.snr(t.cpu()).float().to(x0.device)
+    weight = snr.clamp(max=min_snr_gamma) / (snr if prediction == "eps" else snr + 1)
+    return (weight * per_sample).mean()
+
+
+def _check_gamma(min_snr_gamma: float | None) -> None:
+    if min_snr_gamma is not None and not min_snr_gamma > 0:
+        raise ValueError(
+            f"min_snr_gamma must be > 0 (the paper uses 5) or None, got {min_snr_gamma}"
+        )
 
 
 def diffusion_loss_fn(
-    schedule: NoiseSchedule, prediction: str = "eps", class_dropout: float = 0.0
+    schedule: NoiseSchedule,
+    prediction: str = "eps",
+    class_dropout: float = 0.0,
+    min_snr_gamma: float | None = None,
 ) -> LossFn:
     """A `fit` loss for batches (x0,) or (x0, labels); labels are dropped to the null class with
     probability class_dropout, so one model learns p(x|y) and p(x) (Ho & Salimans 2022)."""
@@ -304,6 +328,7 @@ def diffusion_loss_fn(
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if not 0.0 <= class_dropout < 1.0:
         raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
+    _check_gamma(min_snr_gamma)
 
     def loss_fn(
         model: nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator
@@ -318,7 +343,7 @@ def diffusion_loss_fn(
                 drop = torch.rand(y.shape, generator=gen, device=y.device) < class_dropout
                 y = torch.where(drop, torch.full_like(y, model.null_class), y)
             kwargs["y"] = y
-        return diffusion_loss(model, schedule, x0, gen, prediction, **kwargs)
+        return diffusion_loss(model, schedule, x0, gen, prediction, min_snr_gamma, **kwargs)
 
     return loss_fn
 

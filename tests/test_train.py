@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import randomize
 from torch import nn
 
 from minisd import train
@@ -306,3 +307,24 @@ def test_command_line_init_from_branches_a_run_and_keeps_its_history(tmp_path, m
     assert b["commands"][:1] == a["commands"] and "--init-from" in b["commands"][1]
     with pytest.raises(ValueError, match="trained with other settings"):
         cli.main(base + ["--steps", "1", "--schedule", "cosine", "--init-from", str(first)])
+
+
+def test_min_snr_weighting_weights_each_sample_by_min_snr_over_snr():
+    model = fresh_model().eval()
+    randomize(model)
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+
+    def loss(**kwargs):
+        return train.diffusion_loss(model, SCHED, x0, torch.Generator().manual_seed(3), **kwargs)
+
+    with torch.no_grad():
+        torch.testing.assert_close(loss(min_snr_gamma=1e12), loss())  # weight 1 at every t
+        g = torch.Generator().manual_seed(3)  # the same draws as diffusion_loss makes
+        t = torch.randint(0, SCHED.num_timesteps, (6,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        err = (model(SCHED.add_noise(x0, noise, t), t) - noise).pow(2).flatten(1).mean(1)
+        snr = SCHED.snr(t).float()
+        torch.testing.assert_close(loss(min_snr_gamma=5.0), (snr.clamp(max=5.0) / snr * err).mean())
+    assert (snr > 5).any() and (snr < 5).any()  # both branches of the min were exercised
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        diffusion_loss_fn(SCHED, min_snr_gamma=0.0)
