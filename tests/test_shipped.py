@@ -10,14 +10,17 @@ import json
 import pytest
 import torch
 
+from minisd.data import data_root, load_mnist
 from minisd.evaluation import (
     SamplerSetting,
     generate,
     meets_recognisability_bar,
     report_from_dict,
 )
+from minisd.latent import decode_images, encode_images
 from minisd.metrics import DEFAULT_CLASSIFIER, classify, load_classifier
-from minisd.pretrained import CHECKPOINTS, load_diffusion
+from minisd.pretrained import CHECKPOINTS, load_autoencoder, load_diffusion
+from minisd.vae import psnr
 
 DDPM = CHECKPOINTS / "ddpm_mnist.safetensors"
 needs_ddpm = pytest.mark.skipif(not DDPM.is_file(), reason="no shipped pixel DDPM")
@@ -49,3 +52,33 @@ def test_shipped_ddpm_draws_digits_the_classifier_recognises():
     assert confident >= 0.75, f"only {confident:.0%} of 32 samples look like digits"
     assert len(set(probs.argmax(-1).tolist())) >= 6  # not one digit drawn over and over
     assert torch.isfinite(samples).all()
+
+
+VAE_F4 = CHECKPOINTS / "vae_mnist_f4.safetensors"
+needs_vae = pytest.mark.skipif(not VAE_F4.is_file(), reason="no shipped autoencoder")
+
+
+@needs_vae
+def test_shipped_autoencoder_sidecar_meets_its_bar():
+    from minisd.latent_cli import ACCURACY_BAR, PSNR_BAR
+
+    sidecar = json.loads(VAE_F4.with_suffix(".json").read_text())
+    m = sidecar["metrics"]
+    assert m["n"] == 10_000 and m["command"].startswith("python -m minisd evaluate-vae")
+    assert m["psnr_db"] >= PSNR_BAR and m["accuracy_on_reconstructions"] >= ACCURACY_BAR
+    assert m["meets_bar"] and m["latent_values"] == 8 * 8 * 4
+
+
+@needs_vae
+@pytest.mark.skipif(
+    not (data_root() / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists(),
+    reason="real MNIST not in the data folder (set MINISD_DATA, as .ci/run does)",
+)
+def test_shipped_autoencoder_round_trips_test_digits_and_its_scale():
+    vae = load_autoencoder(VAE_F4)
+    digits, _ = load_mnist(train=False, limit=64)
+    latents = encode_images(vae, digits)
+    assert latents.shape == (64, 4, 8, 8)
+    assert 0.7 < latents.std().item() < 1.4  # the stored scale factor gives unit-ish latents
+    recon = decode_images(vae, latents, image_size=28).clamp(-1, 1)
+    assert psnr(recon, digits) >= 25.0
