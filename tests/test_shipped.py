@@ -26,17 +26,23 @@ DDPM = CHECKPOINTS / "ddpm_mnist.safetensors"
 needs_ddpm = pytest.mark.skipif(not DDPM.is_file(), reason="no shipped pixel DDPM")
 
 
+def measured(checkpoint, command: str) -> tuple[dict, dict]:
+    """A shipped model's sidecar and the metrics `python -m minisd COMMAND` stored in it."""
+    sidecar = json.loads(checkpoint.with_suffix(".json").read_text())
+    metrics = sidecar["metrics"]
+    assert metrics["command"].startswith(f"python -m minisd {command} --checkpoint")
+    return sidecar, metrics
+
+
 @needs_ddpm
 def test_shipped_ddpm_sidecar_records_a_measurement_against_the_bar():
-    sidecar = json.loads(DDPM.with_suffix(".json").read_text())
-    metrics = sidecar["metrics"]
+    sidecar, metrics = measured(DDPM, "evaluate")
     report = report_from_dict(metrics["samples"])
     ok, why = meets_recognisability_bar(report)
     assert (metrics["meets_bar"], metrics["bar"]) == (ok, why)  # the verdict follows the numbers
     assert report.n >= 1000 and metrics["sampler"] == "DDIM-50"
     assert metrics["real_baseline"]["n"] == report.n  # FID beside its baseline at the same n
     assert report.mnist_fid > metrics["real_baseline"]["mnist_fid"]
-    assert metrics["command"].startswith("python -m minisd evaluate")
     assert all(c.startswith("python -m minisd train") for c in sidecar["commands"])
     assert sidecar["steps"] > 0 and sidecar["weights"] == "EMA"
 
@@ -62,9 +68,8 @@ needs_vae = pytest.mark.skipif(not VAE_F4.is_file(), reason="no shipped autoenco
 def test_shipped_autoencoder_sidecar_meets_its_bar():
     from minisd.latent_cli import ACCURACY_BAR, PSNR_BAR
 
-    sidecar = json.loads(VAE_F4.with_suffix(".json").read_text())
-    m = sidecar["metrics"]
-    assert m["n"] == 10_000 and m["command"].startswith("python -m minisd evaluate-vae")
+    _, m = measured(VAE_F4, "evaluate-vae")
+    assert m["n"] == 10_000
     assert m["psnr_db"] >= PSNR_BAR and m["accuracy_on_reconstructions"] >= ACCURACY_BAR
     assert m["meets_bar"] and m["latent_values"] == 8 * 8 * 4
 
