@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 from pathlib import Path
 
@@ -25,3 +26,12 @@ def run_commands(args: argparse.Namespace) -> list[str]:
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("\n".join([*earlier, command]) + "\n")
     return [*earlier, command]
+
+
+def portable_command(command: str) -> str:
+    """A recorded command with its run folder shown as RUN_DIR (the folder is machine-specific).
+
+    >>> portable_command("python -m minisd train --steps 9 --run-dir /home/me/runs/a --resume")
+    'python -m minisd train --steps 9 --run-dir RUN_DIR --resume'
+    """
+    return re.sub(r"--run-dir(=|\s+)\S+", "--run-dir RUN_DIR", command)

@@ -9,6 +9,7 @@ from helpers import randomize
 from torch import nn
 
 from minisd import train
+from minisd.cli import portable_command
 from minisd.pretrained import load_diffusion, save_diffusion
 from minisd.schedule import NoiseSchedule
 from minisd.train import TrainConfig, diffusion_loss_fn, fit
@@ -270,6 +271,10 @@ def test_command_line_train_resume_export_sample(tmp_path, monkeypatch):
     sidecar = __import__("json").loads(out.with_suffix(".json").read_text())
     assert sidecar["steps"] == 4 and sidecar["weights"] == "EMA"
     assert len(sidecar["commands"]) == 2 and "--resume" in sidecar["commands"][1]
+    shown = portable_command(sidecar["commands"][1])  # what notebooks print: no machine path
+    assert str(run) not in shown and shown.endswith(
+        "--run-dir RUN_DIR --steps 4 --resume --export " + str(out)
+    )
     assert sidecar["hardware"]["torch"] == torch.__version__
     png, pt = tmp_path / "s.png", tmp_path / "s.pt"
     cli.main(
