@@ -87,3 +87,30 @@ def test_shipped_autoencoder_round_trips_test_digits_and_its_scale():
     assert 0.7 < latents.std().item() < 1.4  # the stored scale factor gives unit-ish latents
     recon = decode_images(vae, latents, image_size=28).clamp(-1, 1)
     assert psnr(recon, digits) >= 25.0
+
+
+LDM = CHECKPOINTS / "ldm_mnist.safetensors"
+needs_ldm = pytest.mark.skipif(not LDM.is_file(), reason="no shipped latent DDPM")
+
+
+@needs_ldm
+def test_shipped_latent_ddpm_records_its_measurement_and_autoencoder():
+    sidecar, metrics = measured(LDM, "evaluate")
+    report = report_from_dict(metrics["samples"])
+    assert (metrics["meets_bar"], metrics["bar"]) == meets_recognisability_bar(report)
+    assert report.n >= 1000 and metrics["real_baseline"]["n"] == report.n
+    assert sidecar["latent_vae"] == "data/checkpoints/vae_mnist_f4.safetensors"
+    assert all("--latent-vae" in c for c in sidecar["commands"])
+
+
+@needs_ldm
+@pytest.mark.skipif(not DEFAULT_CLASSIFIER.is_file(), reason="no shipped classifier")
+def test_shipped_latent_ddpm_samples_latents_that_decode_to_digits():
+    model = load_diffusion(LDM)
+    assert model.sample_shape == (4, 8, 8)  # f=4 latents of 32x32-padded digits
+    samples = generate(model, 32, SamplerSetting("ddim", 20), seed=0)
+    assert samples.shape == (32, 1, 28, 28) and torch.isfinite(samples).all()
+    _, probs = classify(load_classifier(), samples)
+    confident = (probs.max(-1).values >= 0.9).float().mean().item()
+    assert confident >= 0.6, f"only {confident:.0%} of 32 decoded samples look like digits"
+    assert len(set(probs.argmax(-1).tolist())) >= 6
