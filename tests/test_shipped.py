@@ -114,3 +114,24 @@ def test_shipped_latent_ddpm_samples_latents_that_decode_to_digits():
     confident = (probs.max(-1).values >= 0.9).float().mean().item()
     assert confident >= 0.6, f"only {confident:.0%} of 32 decoded samples look like digits"
     assert len(set(probs.argmax(-1).tolist())) >= 6
+
+
+LATENT_VS_PIXEL = CHECKPOINTS.parent / "results" / "latent_vs_pixel.json"
+
+
+@pytest.mark.skipif(not LATENT_VS_PIXEL.is_file(), reason="no latent-vs-pixel results")
+def test_latent_vs_pixel_results_compare_equal_training_time_and_keep_samples():
+    from minisd.checkpoint import load_tensors
+
+    results = json.loads(LATENT_VS_PIXEL.read_text())
+    assert results["command"].startswith("python -m minisd latent-vs-pixel --vae")
+    rows = {r["space"]: r for r in results["rows"]}
+    assert set(rows) == {"pixel", "latent", "unscaled"}
+    seconds = [r["train_seconds"] for r in rows.values()]
+    assert max(seconds) - min(seconds) < 0.05 * max(seconds)  # equal training time
+    assert rows["pixel"]["values_per_sample"] == 784 and rows["latent"]["values_per_sample"] == 256
+    assert abs(rows["latent"]["data_std"] - 1) < 0.1  # scaled latents; unscaled ones are not
+    assert rows["unscaled"]["data_std"] > 1.5
+    assert all(r["report"]["n"] == results["n"] == results["baseline"]["n"] for r in rows.values())
+    kept, _ = load_tensors(LATENT_VS_PIXEL.with_suffix(".safetensors"))
+    assert {k: tuple(v.shape[1:]) for k, v in kept.items()} == dict.fromkeys(rows, (1, 28, 28))
