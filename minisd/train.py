@@ -8,6 +8,7 @@ stopped and resumed from its checkpoint continues exactly as if it had never sto
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -31,6 +32,9 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 PREDICTIONS = ("eps", "v")
 # Mixing constants so (seed, step) pairs never share a random stream.
 _STEP_SEED_MULT, _EPOCH_SEED_MULT = 1_000_003, 7_919
+# Offset of the seed of torch's global RNG in a step (dropout draws from it), so its stream is
+# not the same as the step generator's (timesteps and noise).
+_GLOBAL_SEED_OFFSET = 2**40
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,23 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(seed * _STEP_SEED_MULT + step)
 
 
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, step: int, device: torch.device):
+    """Seed torch's global RNG from (seed, step) for one step, and restore it afterwards.
+
+    Modules such as nn.Dropout draw from the global RNG, not from a generator we pass; seeding it
+    per step makes those draws a function of (seed, step) too, so a resumed run repeats them.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        step_seed = seed * _STEP_SEED_MULT + step + _GLOBAL_SEED_OFFSET
+        torch.default_generator.manual_seed(step_seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(step_seed)
+        yield
+
+
 def _lr_at(config: TrainConfig, step: int) -> float:
     """Warm up linearly, hold lr, then (if decay_steps) fall linearly to 0 at the last step.
 
@@ -165,9 +186,10 @@ def fit(
     if resume:
         if ckpt is None or not ckpt.is_file():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_NAME} in run_dir {run_dir!r}")
-        _load_state(ckpt, result, optimizer, config)
+        window = _load_state(ckpt, result, optimizer, config)
+    else:
+        window = []  # losses since the last logged record
     start, t0 = result.step, time.perf_counter() - result.seconds
-    window: list[float] = []
     bar = progress_bar(
         range(start, config.steps), progress, desc="train", initial=start, total=config.steps
     )
@@ -176,7 +198,10 @@ def fit(
         batch = tuple(d[idx].to(device, non_blocking=True) for d in data)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(config, step)
-        with _autocast(device, config.mixed_precision):
+        with (
+            seeded_global_rng(config.seed, step, device),
+            _autocast(device, config.mixed_precision),
+        ):
             loss = loss_fn(model, batch, step_generator(config.seed, step, device))
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -212,7 +237,7 @@ def fit(
                 callback(record)
         if ckpt is not None and (result.step % config.checkpoint_every == 0 or last):
             result.seconds = time.perf_counter() - t0
-            _save_state(ckpt, result, optimizer, config)
+            _save_state(ckpt, result, optimizer, config, window)
         if out_of_time:
             break
     result.seconds = time.perf_counter() - t0
@@ -231,8 +256,12 @@ def _check_data(data: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 
 def _save_state(
-    path: Path, result: TrainResult, optimizer: torch.optim.Optimizer, config: TrainConfig
-):
+    path: Path,
+    result: TrainResult,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    window: list[float],
+) -> None:
     tensors = {f"model.{k}": v for k, v in result.model.state_dict().items()}
     if result.ema is not None:
         tensors.update({f"ema.{k}": v for k, v in result.ema.state_dict().items()})
@@ -241,13 +270,17 @@ def _save_state(
         for name, value in state.items():
             tensors[f"optim.{i}.{name}"] = torch.as_tensor(value)
     meta = {"step": result.step, "seconds": result.seconds, "history": result.history}
+    # Losses not yet logged: when log_every does not divide checkpoint_every, the next record
+    # averages steps from before and after the checkpoint. (JSON keeps floats exactly.)
+    meta["log_window"] = window
     meta["config"] = dataclasses.asdict(config)
     save_tensors(path, tensors, meta)
 
 
 def _load_state(
     path: Path, result: TrainResult, optimizer: torch.optim.Optimizer, config: TrainConfig
-):
+) -> list[float]:
+    """Restore model, EMA, optimiser and history from `path`; return the unlogged losses."""
     tensors, meta = load_tensors(path)
     saved = meta.get("config", {})
     changed = [k for k in _RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)]
@@ -268,6 +301,7 @@ def _load_state(
             opt["state"][i] = {k: v.to(device) if k != "step" else v for k, v in state.items()}
     optimizer.load_state_dict(opt)
     result.step, result.seconds, result.history = meta["step"], meta["seconds"], meta["history"]
+    return list(meta.get("log_window", []))
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Training: loss falls, resume equals an uninterrupted run, EMA, the objective, the CLI."""
 
+import copy
 import dataclasses
 import json
 
@@ -46,35 +47,86 @@ def test_loss_falls_on_a_fixed_batch():
     assert result.step == 60 and result.ema is None and not result.model.training
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+class Interrupt(Exception):
+    """Stands in for Ctrl-C or a killed job."""
+
+
+def interrupted_after(loss_fn, steps: int):
+    """loss_fn that raises on its call number steps + 1, as if the run was stopped then."""
+    calls = []
+
+    def wrapped(model, batch, gen):
+        if len(calls) == steps:
+            raise Interrupt
+        calls.append(1)
+        return loss_fn(model, batch, gen)
+
+    return wrapped
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"{name} differs")
+
+
+def logged(result):  # everything but the wall-clock seconds
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in result.history]
+
+
+RESUME_CASES = {
+    "plain": dict(model={}, config={}),
+    # dropout draws from torch's global RNG, not from the step's generator
+    "dropout": dict(model={"dropout": 0.3}, config={}),
+    # the record at step 6 averages steps 4-6, across the checkpoint at step 4
+    "log_every_3": dict(model={}, config={"log_every": 3}),
+    "warmup_and_decay": dict(model={}, config={"warmup_steps": 3, "decay_steps": 3}),
+    "everything": dict(model={"dropout": 0.3}, config={"log_every": 3, "warmup_steps": 5}),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES.values(), ids=RESUME_CASES.keys())
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, case):
     x, _ = toy_data()
+    model_cfg = dataclasses.replace(TINY1, **case["model"])
     cfg = TrainConfig(
         steps=8, batch_size=8, lr=1e-3, ema_decay=0.9, log_every=2, checkpoint_every=4
     )
-    straight = fit(fresh_model(), diffusion_loss_fn(SCHED), (x,), cfg, progress=False)
+    cfg = dataclasses.replace(cfg, **case["config"])
+    loss_fn = diffusion_loss_fn(SCHED)
+    straight = fit(fresh_model(model_cfg), loss_fn, (x,), cfg, progress=False)
 
-    half = dataclasses.replace(cfg, steps=4)
-    fit(fresh_model(), diffusion_loss_fn(SCHED), (x,), half, run_dir=tmp_path, progress=False)
+    stopped = interrupted_after(loss_fn, 6)  # stopped in step 7, after the checkpoint at 4
+    with pytest.raises(Interrupt):
+        fit(fresh_model(model_cfg), stopped, (x,), cfg, run_dir=tmp_path, progress=False)
     resumed = fit(
-        fresh_model(seed=1),
-        diffusion_loss_fn(SCHED),
-        (x,),
-        cfg,
-        tmp_path,
-        resume=True,
-        progress=False,
+        fresh_model(model_cfg, seed=1), loss_fn, (x,), cfg, tmp_path, resume=True, progress=False
     )
 
     assert resumed.step == 8
-    for a, b in zip(
-        straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(
-        straight.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    assert_same_weights(straight.model, resumed.model)
+    assert_same_weights(straight.ema, resumed.ema)
+    assert logged(resumed) == logged(straight)
+    # the run is not trivially repeatable: another seed takes other steps
+    other = fit(
+        fresh_model(model_cfg), loss_fn, (x,), dataclasses.replace(cfg, seed=1), progress=False
+    )
+    assert logged(other) != logged(straight)
+
+
+def test_dropout_masks_depend_on_the_step_not_on_global_rng_state():
+    x, _ = toy_data()
+    model_cfg = dataclasses.replace(TINY1, dropout=0.5)
+    cfg = TrainConfig(steps=2, batch_size=8, ema_decay=None, log_every=1)
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)  # whatever the caller did with the global RNG before
+        model = UNetModel(model_cfg)
+        model.load_state_dict(fresh_model(model_cfg).state_dict())
+        runs.append(fit(model, diffusion_loss_fn(SCHED), (x,), cfg, progress=False))
+    assert_same_weights(runs[0].model, runs[1].model)
+    state = torch.random.get_rng_state()
+    fit(fresh_model(model_cfg), diffusion_loss_fn(SCHED), (x,), cfg, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)  # fit leaves the caller's RNG alone
 
 
 def test_max_seconds_stops_early_and_checkpoints_where_it_stopped(tmp_path):
@@ -140,6 +192,82 @@ def test_batches_are_epoch_permutations_and_depend_only_on_seed_and_step():
         train.batch_indices(4, 5, 0, 0)
 
 
+def reference_fit(model, loss_fn, x, cfg, lr_factors):
+    """fit() written out as the papers and torch's docs state it, for one tensor of data: AdamW;
+    gradients rescaled by min(1, clip / (||g|| + 1e-6)) (torch's clip_grad_norm_); lr set per
+    step; EMA decay min(decay, (1 + n) / (10 + n)) at update n (ldm's LitEma warm-up)."""
+    ema = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses, norms = [], []
+    for step, factor in enumerate(lr_factors):
+        idx = train.batch_indices(len(x), cfg.batch_size, step, cfg.seed)
+        gen = train.step_generator(cfg.seed, step, torch.device("cpu"))
+        loss = loss_fn(model, (x[idx],), gen)
+        opt.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        if cfg.grad_clip:
+            for g in grads:
+                g.mul_(min(1.0, cfg.grad_clip / (norm.item() + 1e-6)))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * factor
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.copy_(decay * e + (1 - decay) * p)
+        losses.append(loss.item())
+        norms.append(norm.item())
+    return model, ema, losses, norms
+
+
+def test_fit_is_adamw_with_clipping_lr_schedule_and_ema_written_out():
+    x, _ = toy_data()
+    cfg = TrainConfig(
+        steps=6,
+        batch_size=8,
+        lr=1e-2,
+        weight_decay=0.01,
+        warmup_steps=2,
+        decay_steps=2,
+        ema_decay=0.9,
+        grad_clip=0.05,
+        log_every=1,
+    )
+    lr_factors = [0.5, 1, 1, 1, 1, 0.5]  # warm up over 2 steps; fall linearly to 0 over the last 2
+    loss_fn = diffusion_loss_fn(SCHED)
+    result = fit(fresh_model(), loss_fn, (x,), cfg, progress=False)
+    model, ema, losses, norms = reference_fit(fresh_model(), loss_fn, x, cfg, lr_factors)
+
+    assert min(norms) > 5 * cfg.grad_clip  # clipping was active at every step
+    assert [r["lr"] for r in result.history] == [cfg.lr * f for f in lr_factors]
+    torch.testing.assert_close([r["loss"] for r in result.history], losses)
+    for got, want in ((result.model, model), (result.ema, ema)):
+        for (name, a), b in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, msg=f"{name} differs")
+    # and the comparison can tell: without clipping, fit takes other steps
+    unclipped = fit(
+        fresh_model(), loss_fn, (x,), dataclasses.replace(cfg, grad_clip=None), progress=False
+    )
+    diff = max(
+        (a - b).abs().max()
+        for a, b in zip(unclipped.model.parameters(), model.parameters(), strict=True)
+    )
+    assert diff > 1e-3
+
+
+def test_ema_decay_warms_up_like_ldm():
+    model, ema = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        ema.weight.fill_(0.0)
+    train.update_ema(ema, model, decay=0.999, step=0)  # decay min(0.999, 1/10) = 0.1
+    torch.testing.assert_close(ema.weight, torch.full((2, 2), 0.9))
+    train.update_ema(ema, model, decay=0.999, step=5)  # decay 6/15 = 0.4: 0.4 * 0.9 + 0.6 * 1
+    torch.testing.assert_close(ema.weight, torch.full((2, 2), 0.96))
+
+
 def test_ema_moves_toward_the_model():
     model, ema = nn.Linear(2, 2), nn.Linear(2, 2)
     with torch.no_grad():
@@ -164,13 +292,45 @@ class Recorder(nn.Module):
         return torch.zeros_like(x) + self.w
 
 
-def test_diffusion_loss_targets_eps_and_v():
-    x0 = torch.randn(512, 1, 2, 2)
-    model = Recorder()
-    # predicting 0 costs E[eps^2] = 1 for eps; E[v^2] = ab + (1 - ab) E[x0^2] = 1 for unit x0 too
-    for prediction in ("eps", "v"):
-        loss = train.diffusion_loss(model, SCHED, x0, torch.Generator().manual_seed(0), prediction)
-        assert loss.item() == pytest.approx(1.0, abs=0.1)
+def _draws(x0, seed):
+    """The t and noise diffusion_loss draws from a generator seeded `seed` (t first, then noise)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, SCHED.num_timesteps, (x0.shape[0],), generator=g)
+    return t, torch.randn(x0.shape, generator=g)
+
+
+def _by_hand(model, x0, seed, prediction, gamma=None):
+    """The objective written out: x_t = sqrt(ab) x0 + sqrt(1-ab) eps; target eps or
+    v = sqrt(ab) eps - sqrt(1-ab) x0 (Salimans & Ho 2022, sec. 4); Min-SNR-gamma weight
+    min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v (Hang et al. 2023)."""
+    t, eps = _draws(x0, seed)
+    ab = SCHED.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    target = eps if prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    err = (model(x_t, t) - target).pow(2).flatten(1).mean(1)
+    if gamma is None:
+        return err.mean(), t
+    snr = (ab / (1 - ab)).flatten()
+    weight = snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
+    return (weight * err).mean(), t
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_diffusion_loss_is_the_objective_written_out(prediction, gamma):
+    model = fresh_model().eval()
+    randomize(model, std=0.05)  # outputs that depend on x_t and t, not zeros
+    x0 = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(3)
+        got = train.diffusion_loss(model, SCHED, x0, gen, prediction, min_snr_gamma=gamma)
+        want, t = _by_hand(model, x0, 3, prediction, gamma)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        # the test can tell the targets apart: the other one gives another loss
+        other, _ = _by_hand(model, x0, 3, "v" if prediction == "eps" else "eps", gamma)
+        assert abs(other - want) > 0.05 * want
+    snr = SCHED.snr(t)
+    assert (snr > 5).any() and (snr < 5).any()  # both branches of the min are exercised
     with pytest.raises(ValueError, match="eps"):
         train.diffusion_loss(model, SCHED, x0, torch.Generator(), "x0")
 
@@ -314,22 +474,15 @@ def test_command_line_init_from_branches_a_run_and_keeps_its_history(tmp_path, m
         cli.main(base + ["--steps", "1", "--schedule", "cosine", "--init-from", str(first)])
 
 
-def test_min_snr_weighting_weights_each_sample_by_min_snr_over_snr():
+def test_min_snr_gamma_must_be_positive():
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        diffusion_loss_fn(SCHED, min_snr_gamma=0.0)
     model = fresh_model().eval()
     randomize(model)
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
-
-    def loss(**kwargs):
-        return train.diffusion_loss(model, SCHED, x0, torch.Generator().manual_seed(3), **kwargs)
-
-    with torch.no_grad():
-        torch.testing.assert_close(loss(min_snr_gamma=1e12), loss())  # weight 1 at every t
-        g = torch.Generator().manual_seed(3)  # the same draws as diffusion_loss makes
-        t = torch.randint(0, SCHED.num_timesteps, (6,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        err = (model(SCHED.add_noise(x0, noise, t), t) - noise).pow(2).flatten(1).mean(1)
-        snr = SCHED.snr(t).float()
-        torch.testing.assert_close(loss(min_snr_gamma=5.0), (snr.clamp(max=5.0) / snr * err).mean())
-    assert (snr > 5).any() and (snr < 5).any()  # both branches of the min were exercised
-    with pytest.raises(ValueError, match="min_snr_gamma"):
-        diffusion_loss_fn(SCHED, min_snr_gamma=0.0)
+    with torch.no_grad():  # a gamma above every SNR weights every step 1 for eps: the plain loss
+        plain = train.diffusion_loss(model, SCHED, x0, torch.Generator().manual_seed(3))
+        huge = train.diffusion_loss(
+            model, SCHED, x0, torch.Generator().manual_seed(3), min_snr_gamma=1e12
+        )
+    torch.testing.assert_close(huge, plain)
