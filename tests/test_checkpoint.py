@@ -1,5 +1,11 @@
 """Checkpoint files: round trip, atomic replacement, clear errors."""
 
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from unittest import mock
 
 import pytest
@@ -28,6 +34,73 @@ def test_crash_while_writing_keeps_the_old_file(tmp_path):
     tensors, _ = checkpoint.load_tensors(path)
     torch.testing.assert_close(tensors["w"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp files left
+
+
+def _write_both(folder, step):
+    checkpoint.save_tensors(folder / "m.safetensors", {"w": torch.full((1000,), float(step))})
+    checkpoint.save_json(folder / "m.json", {"step": step})
+
+
+def _assert_still_step(folder, step):
+    tensors, _ = checkpoint.load_tensors(folder / "m.safetensors")
+    torch.testing.assert_close(tensors["w"], torch.full((1000,), float(step)))
+    assert checkpoint.load_json(folder / "m.json") == {"step": step}
+
+
+def test_a_failing_rename_after_the_bytes_were_written_keeps_the_old_files(tmp_path):
+    _write_both(tmp_path, 1)
+    written = []
+
+    def full_disk(src, dst):  # the new bytes are all in the temporary file by now
+        written.append(os.path.getsize(src))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with mock.patch.object(checkpoint.os, "replace", side_effect=full_disk):
+        with pytest.raises(OSError, match="No space left"):
+            checkpoint.save_tensors(tmp_path / "m.safetensors", {"w": torch.zeros(1000)})
+        with pytest.raises(OSError, match="No space left"):
+            checkpoint.save_json(tmp_path / "m.json", {"step": 2})
+    assert len(written) == 2 and written[0] > 4000  # 1,000 float32 values reached the disk
+    _assert_still_step(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+
+
+# The writer is killed (SIGKILL: no cleanup, no finally) after half of the new bytes are on disk.
+KILLED_WRITER = textwrap.dedent(
+    """
+    import os, pathlib, signal, sys
+    import torch
+    from safetensors.torch import save
+    from minisd import checkpoint
+
+    def half_then_die(data, filename):
+        with open(filename, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.save_file = lambda t, filename, metadata=None: half_then_die(
+        save(t, metadata=metadata), filename
+    )
+    pathlib.Path.write_text = lambda self, text, *a, **k: half_then_die(text.encode(), self)
+    folder = pathlib.Path(sys.argv[1])
+    if sys.argv[2] == "tensors":
+        checkpoint.save_tensors(folder / "m.safetensors", {"w": torch.zeros(1000)})
+    else:
+        checkpoint.save_json(folder / "m.json", {"step": 2, "padding": "x" * 1000})
+    """
+)
+
+
+@pytest.mark.parametrize("what", ["tensors", "json"])
+def test_a_writer_killed_mid_save_leaves_the_previous_file_intact(tmp_path, what):
+    _write_both(tmp_path, 1)
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path), what], capture_output=True, text=True
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr  # it died in the middle of the save
+    _assert_still_step(tmp_path, 1)
 
 
 def test_errors(tmp_path):
