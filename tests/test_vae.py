@@ -219,13 +219,27 @@ def test_compute_scale_factor_gives_unit_std() -> None:
 
 # ----- the loss -------------------------------------------------------------------------------
 def test_loss_is_reconstruction_plus_weighted_kl_per_pixel_value() -> None:
+    torch.manual_seed(0)
     model = AutoencoderKL(TINY)
+    randomize(model, std=0.1)  # a posterior and a reconstruction far from trivial
     x = _smooth_images(2)
-    for reconstruction in ("l1", "mse"):
-        loss, logs = vae_loss(model, x, 0.5, torch.Generator().manual_seed(0), reconstruction)
-        assert set(logs) == {"loss", "rec", "kl"} and logs["kl"] > 0
-        want = logs["rec"] + 0.5 * logs["kl"] / (3 * 8 * 8)
-        assert loss.item() == pytest.approx(want, rel=1e-6) == logs["loss"]
+    d = 3 * 8 * 8  # values per image
+    with torch.no_grad():
+        # by hand, from the encoder's raw output: z = mean + std * eps with the loss's own eps
+        mean, logvar = model.quant_conv(model.encoder(x)).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)  # ldm's clamp
+        eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+        x_rec = model.decoder(model.post_quant_conv(mean + (0.5 * logvar).exp() * eps))
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()  # nats per image
+        want_rec = {"l1": (x_rec - x).abs().mean(), "mse": ((x_rec - x) ** 2).mean()}
+        for reconstruction, rec in want_rec.items():
+            loss, logs = vae_loss(model, x, 0.5, torch.Generator().manual_seed(0), reconstruction)
+            assert set(logs) == {"loss", "rec", "kl"}
+            assert logs["rec"] == pytest.approx(rec.item(), rel=1e-5)
+            assert logs["kl"] == pytest.approx(kl.item(), rel=1e-5) and kl > 0.1
+            want = rec.item() + 0.5 * kl.item() / d
+            assert loss.item() == pytest.approx(want, rel=1e-5) == logs["loss"]
+    assert abs(want_rec["l1"] - want_rec["mse"]) > 0.1 * want_rec["l1"]  # the two differ here
 
 
 def test_perceptual_term_adds_the_weighted_feature_distance() -> None:
