@@ -17,7 +17,7 @@ from minisd.sampling import (
     sample_ddpm,
     v_to_eps_fn,
 )
-from minisd.schedule import DEFAULT_BETA_RANGE, DIFFUSERS_NAMES, NoiseSchedule
+from minisd.schedule import DIFFUSERS_NAMES, NoiseSchedule
 
 SHAPE = (2, 3, 4, 4)  # (B, C, H, W)
 T = 1000
@@ -28,8 +28,12 @@ def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+# Published ranges, not the library's defaults: DDPM's linear and Stable Diffusion v1's.
+PUBLISHED_BETA_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+
 def _diffusers_config(kind: str, num_timesteps: int = T) -> dict:
-    beta_start, beta_end = DEFAULT_BETA_RANGE[kind]
+    beta_start, beta_end = PUBLISHED_BETA_RANGE[kind]
     return dict(
         num_train_timesteps=num_timesteps,
         beta_schedule=DIFFUSERS_NAMES[kind],
@@ -39,7 +43,13 @@ def _diffusers_config(kind: str, num_timesteps: int = T) -> dict:
 
 
 def _use_float64_tables(scheduler, schedule: NoiseSchedule):
-    """Give a diffusers scheduler our float64 tables, so parity is tested to float64 precision."""
+    """Give a diffusers scheduler our float64 tables, so parity is tested to float64 precision.
+
+    Only once diffusers' own float32 tables, built from the published betas, agree with ours.
+    """
+    torch.testing.assert_close(
+        schedule.alphas_cumprod.float(), scheduler.alphas_cumprod, rtol=1e-5, atol=1e-6
+    )
     scheduler.betas = schedule.betas.clone()
     scheduler.alphas = schedule.alphas.clone()
     scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()

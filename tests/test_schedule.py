@@ -6,25 +6,38 @@ from diffusers import DDPMScheduler
 
 from minisd.schedule import DIFFUSERS_NAMES, SCHEDULE_KINDS, NoiseSchedule, make_betas
 
+# The published beta ranges, written here rather than read from the library, so a changed
+# default fails the parity tests: DDPM (Ho et al. 2020, sec. 4: 1e-4 to 0.02 over T = 1000),
+# Stable Diffusion v1's config (0.00085 to 0.012), and diffusers' defaults for the sigmoid.
+PUBLISHED_BETA_RANGE = {
+    "linear": (1e-4, 0.02),
+    "scaled_linear": (0.00085, 0.012),
+    "sigmoid": (1e-4, 0.02),
+}
+
 
 def diffusers_ref(kind: str, T: int = 1000, zero_snr: bool = False) -> DDPMScheduler:
-    sched = NoiseSchedule(kind, T)
-    kwargs = (
-        {}
-        if kind == "cosine"
-        else {
-            "beta_start": sched.betas[0].item() if kind != "scaled_linear" else 0.00085,
-            "beta_end": sched.betas[-1].item() if kind != "scaled_linear" else 0.012,
-        }
-    )
-    if kind == "sigmoid":  # sigmoid(+-6) is not exactly 0/1, so pass the range it was built from
-        kwargs = {"beta_start": 1e-4, "beta_end": 0.02}
+    kwargs = {}
+    if kind != "cosine":
+        kwargs = dict(zip(("beta_start", "beta_end"), PUBLISHED_BETA_RANGE[kind], strict=True))
     return DDPMScheduler(
         num_train_timesteps=T,
         beta_schedule=DIFFUSERS_NAMES[kind],
         rescale_betas_zero_snr=zero_snr,
         **kwargs,
     )
+
+
+def test_ddpm_linear_schedule_is_the_papers():
+    s = NoiseSchedule("linear")  # no arguments: the defaults must be DDPM's
+    assert s.num_timesteps == 1000
+    assert (s.betas[0].item(), s.betas[-1].item()) == (1e-4, 0.02)
+    # alpha-bar_T of DDPM's schedule: prod(1 - beta_t), computed here in plain Python
+    ab_T = 1.0
+    for i in range(1000):
+        ab_T *= 1 - (1e-4 + i * (0.02 - 1e-4) / 999)
+    assert ab_T == pytest.approx(4.0358e-05, rel=1e-4)
+    assert s.alphas_cumprod[-1].item() == pytest.approx(ab_T, rel=1e-9)
 
 
 @pytest.mark.parametrize("zero_snr", [False, True])
