@@ -1,8 +1,10 @@
 """One training loop for every model in the course: AdamW, EMA, clipping, AMP, atomic resume.
 
 `fit(model, loss_fn, data, config)` trains any module whose loss is `loss_fn(model, batch, gen)`.
-The batch order and each step's random draws are pure functions of (seed, step), so a run that is
-stopped and resumed from its checkpoint continues exactly as if it had never stopped.
+The batch order and each step's random draws (timesteps, noise, label dropout, and nn.Dropout's
+masks from torch's global RNG, seeded per step) are pure functions of (seed, step), and the
+checkpoint keeps the losses not yet logged, so a run that is stopped and resumed from its
+checkpoint continues exactly as if it had never stopped: weights and loss history alike.
 `diffusion_loss` is the DDPM objective: ||eps - eps_theta(x_t, t)||^2 (Ho et al. 2020, eq. 14).
 """
 
