@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.models.embeddings import get_timestep_embedding
-from helpers import randomize
+from helpers import assert_one_to_one, randomize, tagged
 
 from minisd.schedule import NoiseSchedule
 from minisd.summary import count_parameters
@@ -78,14 +78,11 @@ def test_sd_v1_state_dict_uses_checkpoint_key_names() -> None:
 
 def test_sd_v1_keys_convert_one_to_one_onto_diffusers() -> None:
     """diffusers' ldm->diffusers converter must fill every key of its SD v1 U-Net, shapes equal."""
-    ours = {LDM_PREFIX + k: v for k, v in _sd_v1_on_meta().state_dict().items()}
+    ours = tagged(_sd_v1_on_meta().state_dict(), LDM_PREFIX)
     with torch.device("meta"):
         ref = UNet2DConditionModel(cross_attention_dim=768)  # the other defaults are SD v1's
     converted = convert_ldm_unet_checkpoint(ours, dict(ref.config))
-    want = ref.state_dict()
-    assert set(converted) == set(want)
-    assert all(converted[k].shape == want[k].shape for k in want)
-    assert len(converted) == len(ours)
+    assert_one_to_one(converted, ref.state_dict(), len(ours))
 
 
 def test_tiny_unet_matches_diffusers_at_identical_weights() -> None:
