@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from minisd.checkpoint import load_tensors, save_tensors
 from minisd.course import progress as progress_bar
@@ -150,6 +151,18 @@ def activation_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+def training_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """Floating-point operations of one forward and backward pass, as torch counts them.
+
+    FlopCounterMode counts the matrix multiplications and convolutions (2 per multiply-add),
+    which dominate a U-Net: a count, so it is the same on any machine, unlike a step time.
+    """
+    with FlopCounterMode(display=False) as counter:
+        model(*inputs).float().pow(2).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def training_cost(
     model: nn.Module,
     sample_shape: tuple[int, ...],
@@ -158,7 +171,7 @@ def training_cost(
     warmup: int = 2,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Seconds per training step (forward, backward, AdamW) and activation memory at one size.
+    """Seconds per training step (forward, backward, AdamW), its FLOPs and activation memory.
 
     Trains `model` on random inputs to time it: pass a throwaway copy. The median of `steps`
     timed steps after `warmup` untimed ones.
@@ -182,5 +195,6 @@ def training_cost(
     return {
         "seconds_per_step": seconds[len(seconds) // 2],
         "activation_bytes": activation_bytes(model, x, t),
+        "flops_per_step": training_flops(model, x, t),
         "values_per_sample": int(torch.Size(sample_shape).numel()),
     }

@@ -18,6 +18,7 @@ from minisd.latent import (
     fit_scale_factor,
     pad_images,
     training_cost,
+    training_flops,
 )
 from minisd.pretrained import (
     UNET_PREFIX,
@@ -160,6 +161,17 @@ def test_smaller_inputs_keep_fewer_activations_and_costs_are_reported():
     cost = training_cost(unet, (1, 8, 8), batch_size=2, steps=2, warmup=1)
     assert cost["values_per_sample"] == 64 and cost["seconds_per_step"] > 0
     assert cost["activation_bytes"] == small
+    assert cost["flops_per_step"] == training_flops(unet, torch.randn(2, 1, 8, 8), t)
+    large_flops = training_flops(unet, torch.randn(2, 1, 16, 16), t)
+    assert 3.5 < large_flops / cost["flops_per_step"] < 4.5  # convolutions scale with positions
+
+
+def test_training_flops_count_multiply_adds_twice_forward_and_backward():
+    # y = x W^T with x (4, 3), W (5, 3): 4 * 3 * 5 multiply-adds forward, as many for dL/dW
+    assert training_flops(torch.nn.Linear(3, 5, bias=False), torch.randn(4, 3)) == 2 * 2 * 60
+    # a 3x3 conv, 1 -> 4 channels, on 2 images of 8x8: 2 * 64 * 4 * 9 multiply-adds each way
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
+    assert training_flops(conv, torch.randn(2, 1, 8, 8)) == 2 * 2 * (2 * 64 * 4 * 9)
 
 
 def test_command_line_vae_then_latent_diffusion(tmp_path, monkeypatch):
