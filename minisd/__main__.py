@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 
 from minisd import unet as unet_module
-from minisd.checkpoint import save_json
 from minisd.cli import command_line, run_commands
 from minisd.course import get_device, hardware, seed_everything
 from minisd.data import LOADERS, load_dataset
 from minisd.latent import cached_latents, encode_images
 from minisd.latent_cli import add_commands as add_latent_commands
-from minisd.pretrained import load_autoencoder, load_diffusion, save_diffusion
+from minisd.pretrained import load_autoencoder, load_diffusion, save_diffusion, write_sidecar
 from minisd.sampling import VARIANCES, sample_ddim, sample_ddpm
 from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
 from minisd.train import PREDICTIONS, TrainConfig, diffusion_loss_fn, fit
@@ -141,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "final_loss": round(result.history[-1]["loss"], 5),
             "weights": "EMA" if result.ema is not None else "raw",
         }
-        save_json(export.with_suffix(".json"), sidecar)
+        write_sidecar(export, sidecar)
         print(f"exported {export} and {export.with_suffix('.json').name}")
 
 
@@ -194,8 +193,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from minisd.checkpoint import load_json
     from minisd.evaluation import SamplerSetting, meets_recognisability_bar, report_from_dict, score
+    from minisd.pretrained import write_metrics
 
     model = load_diffusion(args.checkpoint, device=get_device(args.device))
     result = score(model, args.n, SamplerSetting("ddim", args.steps), seed=args.seed)
@@ -204,9 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ok, why = meets_recognisability_bar(report)
     print(f"recognisability bar: {'met' if ok else 'NOT met'}: {why}")
     if args.write_sidecar:
-        sidecar_path = Path(args.checkpoint).with_suffix(".json")
-        sidecar = load_json(sidecar_path) if sidecar_path.is_file() else {}
-        sidecar["metrics"] = {
+        metrics = {
             "command": command_line(args),
             "sampler": result["name"],
             "seconds_per_sample": round(result["seconds_per_sample"], 4),
@@ -216,13 +213,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             "meets_bar": ok,
             "bar": why,
         }
-        save_json(sidecar_path, sidecar)
+        sidecar_path = write_metrics(args.checkpoint, metrics, model.metadata["weights_sha256"])
         print(f"wrote metrics into {sidecar_path}")
 
 
 def cmd_compare_samplers(args: argparse.Namespace) -> None:
-    from minisd.checkpoint import save_tensors
-    from minisd.evaluation import SamplerSetting, score
+    from minisd.evaluation import SamplerSetting, save_results, score
     from minisd.metrics import load_classifier, reference_features
 
     model = load_diffusion(args.checkpoint, device=get_device(args.device))
@@ -244,11 +240,16 @@ def cmd_compare_samplers(args: argparse.Namespace) -> None:
             f"FID {r['mnist_fid']:.2f}, KID {r['kid_mean']:.4f}, "
             f"confident {r['confident_fraction']:.1%} (n={args.n})"
         )
-    out = Path(args.out)
-    results = {"command": command_line(args), "hardware": hardware(), "n": args.n, "rows": rows}
-    save_json(out, results)
-    save_tensors(out.with_suffix(".safetensors"), grids)
-    print(f"wrote {out} and {out.with_suffix('.safetensors').name}")
+    results = {
+        "command": command_line(args),
+        "hardware": hardware(),
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": model.metadata["weights_sha256"],  # the bytes these rows measured
+        "n": args.n,
+        "rows": rows,
+    }
+    out, kept = save_results(args.out, results, grids)
+    print(f"wrote {out} and {kept.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

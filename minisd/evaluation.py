@@ -9,11 +9,16 @@ scored against the train set): the best any generator can do at that n.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from minisd.checkpoint import file_sha256, save_json, save_tensors
 from minisd.course import progress as progress_bar
 from minisd.metrics import (
     SampleReport,
@@ -129,3 +134,12 @@ def meets_recognisability_bar(report: SampleReport) -> tuple[bool, str]:
         f"classes {min(fractions):.1%}..{max(fractions):.1%} (need 5%..15%)"
     )
     return ok_conf and ok_classes, why
+
+
+def save_results(
+    path: str | os.PathLike, results: Mapping[str, Any], samples: Mapping[str, torch.Tensor]
+) -> tuple[Path, Path]:
+    """A results .json and its kept samples beside it (.safetensors), tied by their SHA-256."""
+    path = Path(path)
+    kept = save_tensors(path.with_suffix(".safetensors"), samples)
+    return save_json(path, {**results, "samples_sha256": file_sha256(kept)}), kept

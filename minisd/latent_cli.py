@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from minisd import vae as vae_module
-from minisd.checkpoint import load_json, save_json
 from minisd.cli import command_line, run_commands
 from minisd.course import get_device, hardware, seed_everything
 from minisd.data import LOADERS, load_dataset, load_mnist
@@ -30,7 +29,7 @@ from minisd.latent import (
     pad_images,
     training_cost,
 )
-from minisd.pretrained import load_autoencoder, save_autoencoder
+from minisd.pretrained import load_autoencoder, save_autoencoder, write_metrics, write_sidecar
 from minisd.train import TrainConfig, fit
 from minisd.vae import AutoencoderKL, psnr, vae_loss_fn
 
@@ -84,8 +83,8 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
         factor = fit_scale_factor(model, images[:n_scale])
         export = Path(args.export)
         save_autoencoder(export, model.cpu())
-        save_json(
-            export.with_suffix(".json"),
+        write_sidecar(
+            export,
             {
                 "commands": commands,
                 "autoencoder_config": dataclasses.asdict(model.config),
@@ -157,10 +156,8 @@ def cmd_evaluate_vae(args: argparse.Namespace) -> None:
         f"bar ({result['bar']}): {'met' if result['meets_bar'] else 'NOT met'}"
     )
     if args.write_sidecar:
-        path = Path(args.checkpoint).with_suffix(".json")
-        sidecar = load_json(path) if path.is_file() else {}
-        sidecar["metrics"] = {"command": command_line(args), "hardware": hardware(), **result}
-        save_json(path, sidecar)
+        metrics = {"command": command_line(args), "hardware": hardware(), **result}
+        path = write_metrics(args.checkpoint, metrics, vae.metadata["weights_sha256"])
         print(f"wrote metrics into {path}")
 
 
@@ -190,8 +187,7 @@ def _spaces(vae: AutoencoderKL, images: torch.Tensor, spaces: list[str]) -> dict
 def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
     """Same U-Net widths, same training time: one model per space (pixels, latents, ...)."""
     from minisd import unet as unet_module
-    from minisd.checkpoint import save_tensors
-    from minisd.evaluation import SamplerSetting, generate
+    from minisd.evaluation import SamplerSetting, generate, save_results
     from minisd.metrics import evaluate_samples, load_classifier, real_baseline, reference_features
     from minisd.pretrained import DiffusionModel
     from minisd.schedule import NoiseSchedule
@@ -257,22 +253,21 @@ def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
     if {"pixel", "latent"} <= set(by_space):
         speedup = by_space["pixel"]["seconds_per_step"] / by_space["latent"]["seconds_per_step"]
         print(f"a latent training step is {speedup:.1f}x faster than a pixel one")
-    out = Path(args.out)
     results = {
         "command": command_line(args),
         "hardware": hardware(),
         "batch_size": args.batch_size,
         "unet_config": dataclasses.asdict(base),
         "vae": str(args.vae),
+        "vae_sha256": vae.metadata["weights_sha256"],  # the autoencoder these rows measured
         "scale_factor": vae.config.scale_factor,
         "n": args.n,
         "sampler": "DDIM-50",
         "rows": rows,
         "baseline": dataclasses.asdict(baseline),
     }
-    save_json(out, results)
-    save_tensors(out.with_suffix(".safetensors"), kept)
-    print(f"wrote {out} and {out.with_suffix('.safetensors').name}")
+    out, samples_path = save_results(args.out, results, kept)
+    print(f"wrote {out} and {samples_path.name}")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

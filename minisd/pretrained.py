@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from minisd.checkpoint import load_json, load_tensors, save_tensors
+from minisd.checkpoint import file_sha256, load_json, load_tensors, save_json, save_tensors
 from minisd.sampling import EpsFn, v_to_eps_fn
 from minisd.schedule import NoiseSchedule
 from minisd.unet import UNetConfig, UNetModel
@@ -117,14 +117,16 @@ def _config(cls: type, fields: dict[str, Any]) -> Any:
 
 
 def _open(path: str | os.PathLike, fmt: str, what: str, command: str) -> tuple[dict, dict]:
-    """Tensors and metadata (with the JSON sidecar under "sidecar") of a `fmt` checkpoint."""
+    """Tensors and metadata of a `fmt` checkpoint, with its JSON sidecar and its SHA-256."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"no {what} checkpoint at {path}; the shipped ones are in {CHECKPOINTS}, and "
             f"`python -m minisd {command} --export PATH` writes new ones"
         )
+    sha256 = file_sha256(path)  # of the bytes about to be loaded, so a measurement can cite them
     tensors, meta = load_tensors(path)
+    meta["weights_sha256"] = sha256
     if meta.get("format") != fmt:
         raise ValueError(
             f"{path} is not a minisd {what} checkpoint (format {meta.get('format')!r})"
@@ -132,6 +134,32 @@ def _open(path: str | os.PathLike, fmt: str, what: str, command: str) -> tuple[d
     sidecar = path.with_suffix(".json")
     meta["sidecar"] = load_json(sidecar) if sidecar.is_file() else {}
     return tensors, meta
+
+
+def write_sidecar(weights: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
+    """Write the JSON sidecar beside a weights file, tied to its bytes by their SHA-256."""
+    weights = Path(weights)
+    return save_json(
+        weights.with_suffix(".json"), {**sidecar, "weights_sha256": file_sha256(weights)}
+    )
+
+
+def write_metrics(weights: str | os.PathLike, metrics: dict[str, Any], weights_sha256: str) -> Path:
+    """Store a measurement in a weights file's sidecar, with the SHA-256 of the bytes measured.
+
+    `weights_sha256` is the hash of what was loaded (a loaded model's `metadata`); a file that
+    changed since then is refused, so the stored metrics always describe the file beside them.
+    """
+    weights = Path(weights)
+    if file_sha256(weights) != weights_sha256:
+        raise ValueError(
+            f"{weights} changed while it was being measured (SHA-256 {weights_sha256[:12]}... "
+            f"when loaded); measure it again"
+        )
+    path = weights.with_suffix(".json")
+    sidecar = load_json(path) if path.is_file() else {}
+    sidecar["metrics"] = {**metrics, "weights_sha256": weights_sha256}
+    return write_sidecar(weights, sidecar)
 
 
 def load_diffusion(
