@@ -280,6 +280,7 @@ needs_classifier = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # draws 400-1,000 samples of a shipped model
 @needs_classifier
 @pytest.mark.parametrize("name", LIVE_CHECKS)
 def test_shipped_model_draws_digits_the_classifier_recognises(name):
@@ -314,6 +315,7 @@ def test_golden_samples_catch_ddpm_weights_perturbed_by_5_percent(kind):
     assert golden_gap(model) > GOLDEN_TOLERANCE  # the check fails
 
 
+@pytest.mark.slow  # draws 400-1,000 samples of a shipped model
 @needs_classifier
 @needs(LDM)
 def test_live_check_fails_for_latent_ddpm_weights_perturbed_by_5_percent():
