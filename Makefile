@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 BUILD := build/notebooks
 
-.PHONY: test unit lint demo lab format clean
+.PHONY: test unit lint demo lab format clean mutate
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "minisd needs Python >= 3.10 (3.11 recommended)"'
@@ -45,5 +45,14 @@ demo: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
 
+## mutate: mutation testing of the core modules (slow, not in CI); writes data/results/mutation.md
+# mutmut forks one process per mutant; MUTATE_JOBS of them run at once (1 suits a 2-core laptop).
+# MUTATE_ARGS=--resume finishes an interrupted run; --report-only rewrites the results file.
+MUTATE_JOBS ?= 1
+MUTATE_ARGS ?=
+mutate: $(STAMP)
+	@$(BIN)/python mutation/run.py --check-tool || $(BIN)/python -m pip install --quiet -e '.[mutation]'
+	nice -n 10 $(BIN)/python mutation/run.py --jobs $(MUTATE_JOBS) $(MUTATE_ARGS)
+
 clean:
-	rm -rf $(VENV) build .pytest_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .ruff_cache mutants
