@@ -34,9 +34,9 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 PREDICTIONS = ("eps", "v")
 # Mixing constants so (seed, step) pairs never share a random stream.
 _STEP_SEED_MULT, _EPOCH_SEED_MULT = 1_000_003, 7_919
-# Offset of the seed of torch's global RNG in a step (dropout draws from it), so its stream is
-# not the same as the step generator's (timesteps and noise).
-_GLOBAL_SEED_OFFSET = 2**40
+# torch's CPU generator keeps only the low 32 bits of a seed, so the global RNG's seed for a step
+# (dropout draws from it) is drawn from the step's own seed: a stream unlike the step generator's.
+_GLOBAL_SEED_RANGE = 2**62
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,8 @@ def seeded_global_rng(seed: int, step: int, device: torch.device):
     """
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
-        step_seed = seed * _STEP_SEED_MULT + step + _GLOBAL_SEED_OFFSET
+        seeder = torch.Generator().manual_seed(seed * _STEP_SEED_MULT + step)
+        step_seed = int(torch.randint(_GLOBAL_SEED_RANGE, (1,), generator=seeder))
         torch.default_generator.manual_seed(step_seed)
         if device.type == "cuda":
             with torch.cuda.device(device):

@@ -113,6 +113,16 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, case):
     assert logged(other) != logged(straight)
 
 
+def test_the_global_rng_of_a_step_is_not_the_step_generators_stream():
+    cpu = torch.device("cpu")
+    with train.seeded_global_rng(3, 7, cpu):
+        dropout_draw = torch.rand(8)
+    step_draw = torch.rand(8, generator=train.step_generator(3, 7, cpu))
+    assert not torch.equal(dropout_draw, step_draw)
+    with train.seeded_global_rng(3, 7, cpu):
+        assert torch.equal(torch.rand(8), dropout_draw)  # and it is a function of (seed, step)
+
+
 def test_dropout_masks_depend_on_the_step_not_on_global_rng_state():
     x, _ = toy_data()
     model_cfg = dataclasses.replace(TINY1, dropout=0.5)
