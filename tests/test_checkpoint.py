@@ -124,3 +124,23 @@ def test_written_files_are_readable_by_others(tmp_path):
     path = checkpoint.save_tensors(tmp_path / "m.safetensors", {"w": torch.ones(1)})
     assert path.stat().st_mode & 0o777 == 0o644
     assert checkpoint.save_json(tmp_path / "m.json", {}).stat().st_mode & 0o777 == 0o644
+
+
+def test_missing_folders_are_created_and_the_temp_file_sits_beside_the_target(tmp_path):
+    target = tmp_path / "runs" / "a" / "m.safetensors"  # two folder levels that do not exist
+    renames = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        renames.append((os.fspath(src), os.fspath(dst)))
+        real_replace(src, dst)
+
+    with mock.patch.object(checkpoint.os, "replace", spy):
+        checkpoint.save_tensors(target, {"w": torch.ones(2)})
+        checkpoint.save_json(tmp_path / "x" / "y" / "m.json", {"a": 1})
+    assert target.is_file() and (tmp_path / "x" / "y" / "m.json").is_file()
+    # A rename is atomic only within one file system: the temporary file must be a sibling.
+    for src, dst in renames:
+        assert os.path.dirname(src) == os.path.dirname(dst)
+        assert os.path.basename(src).startswith("." + os.path.basename(dst) + ".")
+    assert len(renames) == 2

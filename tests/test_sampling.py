@@ -352,3 +352,122 @@ def test_bad_inputs_raise():
         ddpm_step(schedule, x, eps, 10)
     with pytest.raises(ValueError, match="final_alpha_cumprod"):
         ddim_step(schedule, x, eps, 3, -1, final_alpha_cumprod=0.0)
+
+
+# ----- the contract, edge by edge: defaults, generators, shapes, callback records -------------
+def test_step_defaults():
+    schedule = NoiseSchedule("linear", num_timesteps=1000)
+    x_t = 3 * torch.ones(SHAPE, dtype=torch.float64)
+    eps = torch.zeros(SHAPE, dtype=torch.float64)  # x0_pred = 3 / sqrt(ab_t), far outside [-1, 1]
+    t = torch.tensor([500, 700])
+    # DDPM clips x0 to [-1, 1] unless told otherwise.
+    default = ddpm_step(schedule, x_t, eps, t, noise=torch.zeros_like(x_t))
+    assert torch.equal(
+        default, ddpm_step(schedule, x_t, eps, t, torch.zeros_like(x_t), clip_x0=1.0)
+    )
+    assert not torch.allclose(
+        default, ddpm_step(schedule, x_t, eps, t, torch.zeros_like(x_t), clip_x0=2.0)
+    )
+    # DDIM is deterministic (eta = 0) unless told otherwise: no generator, no noise, same answer.
+    torch.testing.assert_close(
+        ddim_step(schedule, x_t, eps, t, t - 100),
+        ddim_step(schedule, x_t, eps, t, t - 100, eta=0.0, noise=torch.ones_like(x_t)),
+        rtol=0,
+        atol=0,
+    )
+    # The default spacing is "leading" (diffusers' and SD v1's).
+    assert torch.equal(ddim_timesteps(1000, 10), ddim_timesteps(1000, 10, "leading"))
+    assert ddim_timesteps(1000, 10).tolist() == list(range(900, -1, -100))
+
+
+@pytest.mark.parametrize("stepper", ["ddpm", "ddim"])
+def test_noise_from_a_generator_is_the_noise_it_would_draw(stepper):
+    schedule = NoiseSchedule("linear", num_timesteps=50)
+    x_t, eps = _randn(*SHAPE, seed=0), _randn(*SHAPE, seed=1)
+    t = torch.tensor([30, 40])
+
+    def step(**kwargs):
+        if stepper == "ddpm":
+            return ddpm_step(schedule, x_t, eps, t, **kwargs)
+        return ddim_step(schedule, x_t, eps, t, t - 10, eta=1.0, **kwargs)
+
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    drawn = step(generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(drawn, step(noise=noise), rtol=0, atol=0)
+    assert not torch.allclose(drawn, step(noise=torch.zeros_like(noise)))
+
+
+def test_steps_check_their_timesteps_against_the_batch():
+    schedule = NoiseSchedule("linear", num_timesteps=10)
+    x, eps = torch.zeros(SHAPE), torch.zeros(SHAPE)
+    one = torch.tensor([5])  # shape (1,) broadcasts over a batch of 2 unless it is checked
+    for call in (
+        lambda: ddpm_step(schedule, x, eps, one),
+        lambda: ddim_step(schedule, x, eps, one, 2),
+        lambda: eps_from_v(eps, x, one, schedule),
+    ):
+        with pytest.raises(ValueError, match=r"shape \(2,\)"):
+            call()
+
+
+def test_ddim_step_rejects_bad_t_prev_clip_and_final_alpha():
+    schedule = NoiseSchedule("linear", num_timesteps=10)
+    x, eps = torch.zeros(SHAPE), torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="t_prev must be an integer"):
+        ddim_step(schedule, x, eps, 3, 2.0)
+    with pytest.raises(ValueError, match="t_prev must be an integer"):
+        ddim_step(schedule, x, eps, torch.tensor([3, 4]), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="clip_x0"):
+        ddim_step(schedule, x, eps, 3, 2, clip_x0=0.0)
+    with pytest.raises(ValueError, match="final_alpha_cumprod"):
+        ddim_step(schedule, x, eps, 3, -1, final_alpha_cumprod=1.5)
+    ddim_step(schedule, x, eps, 3, -1, final_alpha_cumprod=1.0)  # 1 itself is allowed
+
+
+def test_ddim_timesteps_bounds():
+    assert ddim_timesteps(1, 1).tolist() == [0]  # a one-step schedule sampled in one step
+    with pytest.raises(ValueError, match="num_train_timesteps must be a positive int"):
+        ddim_timesteps(1000.0, 10)
+    with pytest.raises(ValueError, match="num_train_timesteps must be a positive int"):
+        ddim_timesteps(0, 1)
+    with pytest.raises(ValueError, match="steps_offset must be a non-negative int"):
+        ddim_timesteps(1000, 10, "leading", -1)
+
+
+def test_sample_ddim_defaults_and_clipping_pass_through():
+    schedule = NoiseSchedule("linear", num_timesteps=1000)
+    x_T = 3 * _randn(*SHAPE, seed=0, dtype=torch.float32)
+    seen = []
+    sample_ddim(lambda x, t: torch.zeros_like(x), x_T, schedule, callback=seen.append)
+    assert len(seen) == 50  # the default number of steps
+    assert max(info["x0_pred"].abs().max().item() for info in seen) > 1.5
+    clipped = []
+    sample_ddim(
+        lambda x, t: torch.zeros_like(x), x_T, schedule, num_steps=5, clip_x0=1.0,
+        callback=clipped.append,
+    )  # fmt: skip
+    assert max(info["x0_pred"].abs().max().item() for info in clipped) == 1.0
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_callback_records_chain_from_step_to_step(sampler):
+    schedule = NoiseSchedule("linear", num_timesteps=20)
+    x_T = _randn(*SHAPE, seed=0, dtype=torch.float32)
+
+    def eps_fn(x, t):
+        return 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1)
+
+    seen = []
+    if sampler == "ddpm":
+        out = sample_ddpm(
+            eps_fn, x_T, schedule, generator=torch.Generator().manual_seed(0), callback=seen.append
+        )
+    else:
+        out = sample_ddim(eps_fn, x_T, schedule, num_steps=5, callback=seen.append)
+        assert [info["t_prev"] for info in seen] == [info["t"] for info in seen[1:]] + [-1]
+    assert torch.equal(seen[0]["x_t"], x_T) and torch.equal(seen[-1]["x_prev"], out)
+    for info, after in zip(seen, seen[1:], strict=False):
+        assert torch.equal(info["x_prev"], after["x_t"])
+    for info in seen:
+        t_batch = torch.full((SHAPE[0],), info["t"], dtype=torch.long)
+        assert torch.equal(info["eps"], eps_fn(info["x_t"], t_batch))

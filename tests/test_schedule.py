@@ -194,3 +194,98 @@ def test_dtype_and_scalar_timestep():
         torch.full_like(out.float(), (1 - s.alphas_cumprod[9].item()) ** 0.5),
         atol=1e-3,
     )
+
+
+# ----- the contract, edge by edge: defaults, bounds, dtypes, shapes ---------------------------
+def test_defaults_are_ddpms_linear_schedule_in_float64():
+    assert make_betas("linear").shape == (1000,)
+    s = NoiseSchedule()
+    assert s.kind == "linear" and s.zero_terminal_snr is False
+    torch.testing.assert_close(s.betas, NoiseSchedule("linear", 1000).betas, rtol=0, atol=0)
+    for kind in SCHEDULE_KINDS:
+        assert make_betas(kind, 10).dtype == torch.float64, kind
+    assert NoiseSchedule("linear", 10, zero_terminal_snr=True).zero_terminal_snr is True
+
+
+def test_the_shortest_schedule_has_two_steps():
+    assert make_betas("linear", 2).tolist() == [1e-4, 0.02]
+    s = NoiseSchedule.from_betas([0.1, 0.2])
+    assert s.num_timesteps == 2 and s.zero_terminal_snr is False
+    with pytest.raises(ValueError, match=">= 2 values"):
+        NoiseSchedule.from_betas([0.1])
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "sigmoid"])
+@pytest.mark.parametrize(
+    "start, end", [(0.0, 0.02), (1.0, 0.02), (1.5, 0.02), (1e-4, 0.0), (1e-4, 1.0), (1e-4, 1.5)]
+)
+def test_make_betas_rejects_a_range_outside_zero_one(kind, start, end):
+    # make_betas itself must refuse: a range ending at 1 (or starting at 0) gives betas that
+    # NoiseSchedule's later check could mistake for a zero-terminal-SNR schedule.
+    with pytest.raises(ValueError, match=r"beta_start and beta_end must lie in \(0, 1\)"):
+        make_betas(kind, 10, start, end)
+
+
+@pytest.mark.parametrize(
+    "betas",
+    [
+        [0.0, 0.1, 0.2],  # zero first
+        [0.1, 0.0, 0.2],  # zero inside
+        [0.1, 0.2, 0.0],  # zero last
+        [0.1, 1.0, 0.2],  # 1 before the last step: alpha-bar vanishes mid-schedule
+        [1.0, 0.1, 0.2],
+        [0.1, 1.5, 0.2],
+        [0.1, 0.2, 1.5],  # above 1 at the last step
+        [0.1, 0.2, float("nan")],
+    ],
+)
+def test_from_betas_rejects_betas_outside_the_unit_interval(betas):
+    with pytest.raises(ValueError, match=r"betas must lie in \(0, 1\)"):
+        NoiseSchedule.from_betas(betas)
+
+
+def test_from_betas_recognises_a_zero_terminal_snr_schedule():
+    zt = NoiseSchedule.from_betas([0.1, 0.2, 1.0])
+    assert zt.zero_terminal_snr is True and zt.alphas_cumprod[-1].item() == 0.0
+    assert NoiseSchedule.from_betas([0.1, 1.0 - 1e-9, 0.5]).zero_terminal_snr is False
+    assert NoiseSchedule.from_betas([0.1, 0.2, 0.3]).zero_terminal_snr is False
+
+
+def test_timesteps_must_be_integer_scalars_or_one_per_sample():
+    s = NoiseSchedule("linear", 10)
+    with pytest.raises(ValueError, match="integers"):
+        s.snr(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="scalar or 1-D"):
+        s.snr(torch.zeros(2, 2, dtype=torch.long))
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    # t of shape (1,) would broadcast over the batch silently; (3,) would not fit.
+    for t in (torch.tensor([4]), torch.tensor([1, 2, 3])):
+        for call in (
+            lambda t=t: s.add_noise(x, noise, t),
+            lambda t=t: s.add_noise_step(x, noise, t),
+            lambda t=t: s.velocity(x, noise, t),
+            lambda t=t: s.predict_x0(x, noise, t),
+            lambda t=t: s.posterior_mean_variance(x, noise, t),
+        ):
+            with pytest.raises(ValueError, match=r"shape \(2,\)"):
+                call()
+
+
+def test_forward_step_and_closed_form_against_the_formulas():
+    s = NoiseSchedule("linear", 10)
+    # Batch 2 with 3 channels, so a batch read from the wrong axis cannot fit.
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.tensor([3, 7])
+    beta = torch.tensor([1e-4 + 3 * (0.02 - 1e-4) / 9, 1e-4 + 7 * (0.02 - 1e-4) / 9])
+    want = (1 - beta).sqrt().view(2, 1, 1, 1) * x + beta.sqrt().view(2, 1, 1, 1) * noise
+    torch.testing.assert_close(s.add_noise_step(x, noise, t), want.double())
+    # x0 of shape (B,): one number per sample is still a batch.
+    x1, n1 = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.5, 0.0, -1.0])
+    ab = s.alphas_cumprod[torch.tensor([0, 5, 9])].float()
+    torch.testing.assert_close(
+        s.add_noise(x1, n1, torch.tensor([0, 5, 9])), ab.sqrt() * x1 + (1 - ab).sqrt() * n1
+    )
+    with pytest.raises(ValueError, match="batch dimension"):
+        s.add_noise(torch.tensor(1.0), torch.tensor(0.0), 0)

@@ -238,7 +238,7 @@ def test_fit_is_adamw_with_clipping_lr_schedule_and_ema_written_out():
         steps=6,
         batch_size=8,
         lr=1e-2,
-        weight_decay=0.01,
+        weight_decay=0.1,  # not AdamW's default 0.01, so fit must pass it on
         warmup_steps=2,
         decay_steps=2,
         ema_decay=0.9,
@@ -496,3 +496,128 @@ def test_min_snr_gamma_must_be_positive():
             model, SCHED, x0, torch.Generator().manual_seed(3), min_snr_gamma=1e12
         )
     torch.testing.assert_close(huge, plain)
+
+
+# ----- the loop's bookkeeping, against a clock the test controls ------------------------------
+class FakeClock:
+    """time.perf_counter for train.py only: starts far from 0 (as a real uptime does) and moves
+    one second per call, so every reported duration is known."""
+
+    def __init__(self, start=1e6):
+        self.now = start
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_seconds_log_means_callbacks_and_checkpoints(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(train, "time", clock)
+    saved = []
+    real_save = train._save_state
+
+    def save_state(ckpt, result, *args):
+        saved.append(result.step)
+        real_save(ckpt, result, *args)
+
+    monkeypatch.setattr(train, "_save_state", save_state)
+    losses, records = [], []
+
+    def loss_fn(model, batch, gen):
+        loss = diffusion_loss_fn(SCHED)(model, batch, gen)
+        losses.append(loss.item())
+        return loss
+
+    x, _ = toy_data()
+    cfg = TrainConfig(
+        steps=7, batch_size=8, ema_decay=None, log_every=3, checkpoint_every=3, max_seconds=1e4
+    )
+    result = fit(
+        fresh_model(), loss_fn, (x,), cfg, tmp_path, progress=False, callback=records.append
+    )
+    assert result.step == 7  # a generous time limit stops nothing
+    assert saved == [3, 6, 7]  # every checkpoint_every steps, and at the end
+    assert [r["step"] for r in result.history] == [3, 6, 7]
+    # each record is the mean of the losses since the last one
+    means = [sum(losses[0:3]) / 3, sum(losses[3:6]) / 3, losses[6]]
+    assert [r["loss"] for r in result.history] == pytest.approx(means, rel=1e-12)
+    assert records == result.history  # the callback sees every record as it is logged
+    seconds = [r["seconds"] for r in result.history]
+    assert all(isinstance(s, float) for s in seconds)
+    assert 0 < seconds[0] < seconds[1] < seconds[2] <= result.seconds < 100
+    # a resumed run's clock carries on from the checkpoint's
+    go_on = dataclasses.replace(cfg, steps=9)
+    resumed = fit(fresh_model(), loss_fn, (x,), go_on, tmp_path, resume=True, progress=False)
+    before = result.history[-1]["seconds"]
+    assert before < resumed.history[-1]["seconds"] <= resumed.seconds < before + 100
+
+
+def test_fit_hands_the_loss_the_steps_generator():
+    seen = []
+
+    def loss_fn(model, batch, gen):
+        seen.append(torch.randint(0, 2**30, (4,), generator=gen))
+        return diffusion_loss_fn(SCHED)(model, batch, gen)
+
+    x, _ = toy_data()
+    cfg = TrainConfig(steps=2, batch_size=8, ema_decay=None, log_every=1, seed=5)
+    fit(fresh_model(), loss_fn, (x,), cfg, progress=False)
+    for step, draw in enumerate(seen):
+        want = torch.randint(0, 2**30, (4,), generator=train.step_generator(5, step, x.device))
+        assert torch.equal(draw, want)
+
+
+def test_update_ema_copies_buffers():
+    model, ema = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.running_mean.fill_(5.0)
+    model.num_batches_tracked.fill_(7)
+    train.update_ema(ema, model, decay=0.999, step=10_000)
+    assert torch.equal(ema.running_mean, model.running_mean)
+    assert ema.num_batches_tracked.item() == 7
+
+
+def test_loss_fn_passes_min_snr_and_dropout_draws_through_its_generator():
+    model = fresh_model().eval()
+    randomize(model, std=0.05)
+    x0 = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        via_fn = diffusion_loss_fn(SCHED, min_snr_gamma=0.5)(
+            model, (x0,), torch.Generator().manual_seed(3)
+        )
+        direct = train.diffusion_loss(
+            model, SCHED, x0, torch.Generator().manual_seed(3), min_snr_gamma=0.5
+        )
+        plain = train.diffusion_loss(model, SCHED, x0, torch.Generator().manual_seed(3))
+    assert via_fn.item() == direct.item() and abs(direct - plain) > 0.05 * plain
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        train.diffusion_loss(model, SCHED, x0, torch.Generator(), min_snr_gamma=0.0)
+
+    # labels are dropped by the generator fit hands over, whatever the global RNG holds
+    x, y = toy_data(200)
+    used = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        recorder = Recorder(num_classes=10)
+        diffusion_loss_fn(SCHED, class_dropout=0.5)(
+            recorder, (x, y), torch.Generator().manual_seed(4)
+        )
+        used.append(recorder.calls[-1][2])
+    assert torch.equal(used[0], used[1])
+
+
+def test_loss_fn_accepts_a_model_without_a_config():
+    class Bare(nn.Module):  # any eps model(x, t): no config attribute, no classes
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t):
+            return self.w * x
+
+    x0 = torch.zeros(4, 1, 8, 8)
+    loss = diffusion_loss_fn(SCHED)(Bare(), (x0,), torch.Generator().manual_seed(0))
+    t, eps = _draws(x0, 0)
+    x_t = (1 - SCHED.alphas_cumprod[t]).sqrt().float().view(-1, 1, 1, 1) * eps  # x0 = 0
+    torch.testing.assert_close(loss, (x_t - eps).pow(2).mean())

@@ -335,3 +335,45 @@ def test_bad_configs_raise_helpful_errors(changes: dict, message: str) -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         TINY.ch = 16  # type: ignore[misc]
+
+
+# ----- the contract, edge by edge ---------------------------------------------------------------
+def test_posterior_bounds_and_shapes() -> None:
+    params = torch.cat([torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), -100.0)], 1)
+    assert DiagonalGaussianDistribution(params).logvar.min() == -30.0  # ldm's lower clamp
+    flat = DiagonalGaussianDistribution(torch.tensor([[1.0, 2.0, 0.0, 0.0]]))  # (B, 2*C)
+    assert flat.mean.tolist() == [[1.0, 2.0]] and flat.kl().tolist() == [2.5]  # (1 + 4) / 2
+    with pytest.raises(ValueError, match="mean and logvar stacked on dim 1"):
+        DiagonalGaussianDistribution(torch.zeros(4))
+
+
+def test_compute_scale_factor_at_the_edges() -> None:
+    assert compute_scale_factor(torch.tensor([0.0, 2.0])) == pytest.approx(2**-0.5)  # 2 values
+    small = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 0.5
+    assert compute_scale_factor(small) == pytest.approx(2.0, rel=0.05)  # std below 1 is fine
+    with pytest.raises(ValueError, match="have std"):
+        compute_scale_factor(torch.tensor([3.0]))  # one value has no spread
+
+
+def test_psnr_of_flat_and_multichannel_batches() -> None:
+    x = torch.zeros(3, 16)  # (B, D): images already flattened
+    assert psnr(x, x + 0.2) == pytest.approx(20.0, abs=1e-4)
+    y = torch.zeros(1, 2, 2, 2)
+    z = y.clone()
+    z[0, 1, 0, 0] = 0.8  # one wrong value in eight: MSE 0.08
+    assert psnr(y, z) == pytest.approx(10 * math.log10(4 / 0.08), abs=1e-4)
+
+
+def test_loss_of_a_batch_of_one_and_a_light_perceptual_term() -> None:
+    torch.manual_seed(0)
+    model, x = AutoencoderKL(TINY), _smooth_images(1)
+    loss, logs = vae_loss(model, x, 0.5, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(logs["rec"] + 0.5 * logs["kl"] / (3 * 8 * 8), rel=1e-5)
+    features = torch.nn.Conv2d(3, 5, 3)
+    loss, logs = vae_loss(model, x, 0.5, torch.Generator().manual_seed(0), "l1", features, 0.5)
+    assert logs["perceptual"] > 0
+    assert loss.item() == pytest.approx(
+        logs["rec"] + 0.5 * logs["kl"] / (3 * 8 * 8) + 0.5 * logs["perceptual"], rel=1e-5
+    )
+    loss_fn = vae_loss_fn(0.5, "l1", features, 0.5)  # the loss for fit takes the network too
+    assert loss_fn(model, (x,), torch.Generator().manual_seed(0)).item() == loss.item()
