@@ -253,9 +253,11 @@ def test_fit_is_adamw_with_clipping_lr_schedule_and_ema_written_out():
     assert min(norms) > 5 * cfg.grad_clip  # clipping was active at every step
     assert [r["lr"] for r in result.history] == [cfg.lr * f for f in lr_factors]
     torch.testing.assert_close([r["loss"] for r in result.history], losses)
+    # Adam divides by sqrt(v): summation-order rounding in the clipped gradients grows to ~1e-5
+    # in six steps (more with one thread); leaving out the weight decay moves weights by ~1e-2.
     for got, want in ((result.model, model), (result.ema, ema)):
         for (name, a), b in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
-            torch.testing.assert_close(a, b, msg=f"{name} differs")
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{name} differs")
     # and the comparison can tell: without clipping, fit takes other steps
     unclipped = fit(
         fresh_model(), loss_fn, (x,), dataclasses.replace(cfg, grad_clip=None), progress=False
