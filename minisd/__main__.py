@@ -16,12 +16,12 @@ import torch
 
 from minisd import unet as unet_module
 from minisd.cli import command_line, run_commands
-from minisd.course import get_device, hardware, seed_everything
+from minisd.course import get_device, hardware
 from minisd.data import LOADERS, load_dataset
 from minisd.latent import cached_latents, encode_images
 from minisd.latent_cli import add_commands as add_latent_commands
 from minisd.pretrained import load_autoencoder, load_diffusion, save_diffusion, write_sidecar
-from minisd.sampling import VARIANCES, sample_ddim, sample_ddpm
+from minisd.sampling import SAMPLERS, VARIANCES
 from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
 from minisd.train import PREDICTIONS, TrainConfig, diffusion_loss_fn, fit
 
@@ -150,54 +150,31 @@ def cmd_sample(args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from minisd.evaluation import generate
     from minisd.plotting import show_images
 
-    device = get_device(args.device)
-    bundle = load_diffusion(args.checkpoint, device=device)
-    generator = seed_everything(args.seed)
-    cfg = bundle.unet.config
-    shape = bundle.sample_shape or (cfg.in_channels, args.size, args.size)  # latents or pixels
-    x_T = torch.randn(args.n, *shape, generator=generator).to(device)
-    kwargs = {}
-    if cfg.num_classes is not None:
-        label = bundle.unet.null_class if args.label is None else args.label
-        kwargs["y"] = torch.full((args.n,), label, device=device)
-    eps_fn = bundle.eps_fn(**kwargs)
-    if args.sampler == "ddpm":
-        x0 = sample_ddpm(
-            eps_fn,
-            x_T,
-            bundle.schedule,
-            variance=args.variance,
-            generator=generator,
-            progress=True,
-            clip_x0=None if bundle.vae is not None else 1.0,  # latents are not in [-1, 1]
-        )
-    else:
-        x0 = sample_ddim(
-            eps_fn,
-            x_T,
-            bundle.schedule,
-            num_steps=args.steps,
-            eta=args.eta,
-            generator=generator,
-            progress=True,
-        )
-    x0 = bundle.decode(x0).clamp(-1, 1)
+    model = load_diffusion(args.checkpoint, device=get_device(args.device))
+    steps = model.schedule.num_timesteps if args.sampler == "ddpm" else args.steps
+    config = model.sampler_config(args.sampler, steps, eta=args.eta, variance=args.variance)
+    if args.label is not None and model.conditioner is None:
+        raise ValueError(f"--label: {args.checkpoint} is not class-conditional; leave it out")
+    print(f"sampling {args.n} images with {config.name}")
+    images = generate(model, args.n, config, args.seed, image_size=args.size, progress=True,
+                      cond=args.label)  # fmt: skip
     if args.out:
-        show_images(x0.cpu(), nrow=int(args.n**0.5 + 0.999), size=0.6)
+        show_images(images, nrow=int(args.n**0.5 + 0.999), size=0.6)
         plt.savefig(args.out, bbox_inches="tight", dpi=100)
         print(f"wrote {args.out}")
     if args.save_tensor:
-        torch.save(x0.cpu(), args.save_tensor)
+        torch.save(images, args.save_tensor)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from minisd.evaluation import SamplerSetting, meets_recognisability_bar, report_from_dict, score
+    from minisd.evaluation import meets_recognisability_bar, report_from_dict, score
     from minisd.pretrained import write_metrics
 
     model = load_diffusion(args.checkpoint, device=get_device(args.device))
-    result = score(model, args.n, SamplerSetting("ddim", args.steps), seed=args.seed)
+    result = score(model, args.n, model.sampler_config("ddim", args.steps), seed=args.seed)
     report, baseline = report_from_dict(result["report"]), report_from_dict(result["baseline"])
     print(report.table(baseline))
     ok, why = meets_recognisability_bar(report)
@@ -218,13 +195,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_compare_samplers(args: argparse.Namespace) -> None:
-    from minisd.evaluation import SamplerSetting, save_results, score
+    from minisd.evaluation import save_results, score
     from minisd.metrics import load_classifier, reference_features
 
     model = load_diffusion(args.checkpoint, device=get_device(args.device))
-    settings = [SamplerSetting("ddim", s) for s in args.ddim_steps]
+    settings = [model.sampler_config("ddim", s) for s in args.ddim_steps]
     if args.ddpm:
-        settings.append(SamplerSetting("ddpm", model.schedule.num_timesteps))
+        settings.append(model.sampler_config("ddpm", model.schedule.num_timesteps))
     classifier = load_classifier()
     reference = reference_features(classifier)
     rows, grids = [], {}
@@ -256,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minisd", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a pixel-space DDPM U-Net")
+    t = sub.add_parser(
+        "train", help="train a diffusion U-Net on pixels, or on latents with --latent-vae"
+    )
     t.add_argument("--dataset", choices=sorted(LOADERS), default="mnist")
     t.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     t.add_argument("--preset", choices=PRESETS, default="MNIST")
@@ -301,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample images from a trained model")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM takes all T)")
     s.add_argument("--eta", type=float, default=0.0)
     s.add_argument("--variance", choices=VARIANCES, default="fixed_small", help="DDPM variance")
     s.add_argument("--n", type=int, default=64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,65 +28,44 @@ from minisd.metrics import (
     reference_features,
 )
 from minisd.pretrained import DiffusionModel
-from minisd.sampling import sample_ddim, sample_ddpm
-
-SAMPLERS = ("ddim", "ddpm")
-
-
-@dataclass(frozen=True)
-class SamplerSetting:
-    sampler: str  # "ddim" or "ddpm"
-    steps: int  # network evaluations per sample (DDPM: all T)
-    eta: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return f"{self.sampler.upper()}-{self.steps}" + (f" eta={self.eta:g}" if self.eta else "")
+from minisd.sampling import SamplerConfig
 
 
 def generate(
     model: DiffusionModel,
     n: int,
-    setting: SamplerSetting,
+    config: SamplerConfig | None = None,
     seed: int = 0,
     batch_size: int = 250,
     image_size: int = 28,
     progress: bool = False,
+    cond: Any = None,
 ) -> torch.Tensor:
-    """n images (n, C, H, W) on the CPU, drawn in batches from one seeded generator.
+    """n images (n, C, H, W) in [-1, 1] on the CPU, drawn in batches from one seeded generator.
 
-    Pixel models sample image_size x image_size; latent models sample latents and decode them.
+    The model's own sampler unless `config` (e.g. `model.sampler_config("ddim", 20)`); pixel
+    models sample image_size x image_size, latent models their latent shape, decoded. cond: one
+    condition for all (a class label), n of them, or None. `python -m minisd sample` calls this.
     """
-    if setting.sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {setting.sampler!r}")
-    if setting.sampler == "ddpm" and setting.steps != model.schedule.num_timesteps:
-        raise ValueError(f"DDPM runs all {model.schedule.num_timesteps} steps, got {setting.steps}")
-    device = next(model.unet.parameters()).device
+    config = config or model.sampler
+    config.timesteps(model.schedule.num_timesteps)  # a bad setting fails before any work
+    if cond is not None and torch.as_tensor(cond).ndim > 0 and len(cond) != n:
+        raise ValueError(f"need one condition or {n} of them, got {len(cond)}")
     generator = torch.Generator().manual_seed(seed)
-    # latent models draw latents of their own shape (not clipped to [-1, 1]) and decode them
-    shape = model.sample_shape or (model.unet.config.in_channels, image_size, image_size)
-    clip_x0 = None if model.vae is not None else 1.0
+    shape = model.noise_shape(image_size)
     out = []
-    for start in progress_bar(range(0, n, batch_size), progress, desc=setting.name):
+    for start in progress_bar(range(0, n, batch_size), progress, desc=config.name):
         b = min(batch_size, n - start)
-        x_T = torch.randn(b, *shape, generator=generator).to(device)
-        if setting.sampler == "ddpm":
-            x0 = sample_ddpm(
-                model.eps_fn(), x_T, model.schedule, generator=generator, clip_x0=clip_x0
-            )
-        else:
-            x0 = sample_ddim(
-                model.eps_fn(), x_T, model.schedule, num_steps=setting.steps, eta=setting.eta,
-                generator=generator, clip_x0=clip_x0,
-            )  # fmt: skip
-        out.append(model.decode(x0).clamp(-1, 1).cpu())
+        x_T = torch.randn(b, *shape, generator=generator).to(model.device)
+        c = cond if cond is None or torch.as_tensor(cond).ndim == 0 else cond[start : start + b]
+        out.append(model.sample(x_T, config, cond=c, generator=generator).cpu())
     return torch.cat(out)
 
 
 def score(
     model: DiffusionModel,
     n: int,
-    setting: SamplerSetting,
+    setting: SamplerConfig,
     seed: int = 0,
     progress: bool = True,
     classifier=None,

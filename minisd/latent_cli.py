@@ -187,7 +187,7 @@ def _spaces(vae: AutoencoderKL, images: torch.Tensor, spaces: list[str]) -> dict
 def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
     """Same U-Net widths, same training time: one model per space (pixels, latents, ...)."""
     from minisd import unet as unet_module
-    from minisd.evaluation import SamplerSetting, generate, save_results
+    from minisd.evaluation import generate, save_results
     from minisd.metrics import evaluate_samples, load_classifier, real_baseline, reference_features
     from minisd.pretrained import DiffusionModel
     from minisd.schedule import NoiseSchedule
@@ -223,7 +223,7 @@ def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
             result.sampling_model.eval(), schedule, "eps", {}, decoder, image_size
         )
         start = time.perf_counter()
-        samples = generate(model, args.n, SamplerSetting("ddim", 50), seed=args.seed)
+        samples = generate(model, args.n, model.sampler_config("ddim", 50), seed=args.seed)
         sample_seconds = (time.perf_counter() - start) / args.n
         kept[space] = samples[: args.keep].contiguous()
         report = evaluate_samples(samples, classifier, reference, label=space,

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from minisd.checkpoint import file_sha256, load_json, load_tensors, save_json, save_tensors
-from minisd.sampling import EpsFn, v_to_eps_fn
+from minisd.conditioning import Conditioner, conditioner_for
+from minisd.sampling import Callback, EpsFn, SamplerConfig, v_to_eps_fn
 from minisd.schedule import NoiseSchedule
 from minisd.unet import UNetConfig, UNetModel
 from minisd.vae import AutoencoderConfig, AutoencoderKL
@@ -30,14 +31,38 @@ UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 
 @dataclass
 class DiffusionModel:
-    """A trained noise predictor and everything needed to sample from it."""
+    """A trained noise predictor and everything needed to sample from it: the one owner of a
+    model's parts. It alone knows the sample shape, whether to clip, how to condition and decode.
+
+    unet: the noise (or v) predictor; schedule and prediction: what it was trained with;
+    vae: latent diffusion's autoencoder (samples are latents to decode), None for pixels;
+    image_size: side of the decoded images (latent models; pixel models take any size);
+    sampler: how to sample by default (`SamplerConfig`); pixel models clip x0 to [-1, 1],
+    latent ones do not. The conditioner (class labels, ...) follows from the U-Net's config.
+    """
 
     unet: UNetModel
     schedule: NoiseSchedule
     prediction: str  # "eps" or "v"
     metadata: dict[str, Any]
-    vae: AutoencoderKL | None = None  # latent diffusion: samples are latents to decode
-    image_size: int | None = None  # latent diffusion: side of the decoded images (crop)
+    vae: AutoencoderKL | None = None
+    image_size: int | None = None
+    sampler: SamplerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampler is None:
+            steps = min(SamplerConfig.steps, self.schedule.num_timesteps)  # DDIM-50, or all T
+            self.sampler = SamplerConfig(steps=steps, clip_x0=None if self.is_latent else 1.0)
+        self.conditioner: Conditioner | None = conditioner_for(self.unet)
+
+    @property
+    def is_latent(self) -> bool:
+        """Latent diffusion: the U-Net works on an autoencoder's latents, not on pixels."""
+        return self.vae is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
 
     @property
     def sample_shape(self) -> tuple[int, int, int] | None:
@@ -47,6 +72,18 @@ class DiffusionModel:
         cfg = self.vae.config
         side = (cfg.resolution or self.image_size) // cfg.downsampling_factor  # padded size
         return (self.unet.config.in_channels, side, side)
+
+    def noise_shape(self, image_size: int = 28) -> tuple[int, int, int]:
+        """(C, H, W) of x_T: the latent shape, or image_size x image_size pixels."""
+        return self.sample_shape or (self.unet.config.in_channels, image_size, image_size)
+
+    def sampler_config(self, sampler: str | None = None, steps: int | None = None, **changes):
+        """This model's sampler config with another sampler, number of steps or option."""
+        if sampler is not None:
+            changes["sampler"] = sampler
+        if steps is not None:
+            changes["steps"] = steps
+        return dataclasses.replace(self.sampler, **changes)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +103,36 @@ class DiffusionModel:
 
         return model_fn if self.prediction == "eps" else v_to_eps_fn(model_fn, self.schedule)
 
+    def condition(self, cond: Any, n: int) -> dict[str, torch.Tensor]:
+        """The U-Net's keyword arguments for n samples under `cond` (None: unconditional)."""
+        if self.conditioner is None:
+            if cond is not None:
+                raise ValueError(
+                    "this model is unconditional: it takes no condition (pass cond=None)"
+                )
+            return {}
+        return self.conditioner.model_kwargs(self.conditioner.batch(cond, n, self.device))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        x_T: torch.Tensor,
+        config: SamplerConfig | None = None,
+        *,
+        cond: Any = None,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Images in [-1, 1] from noise x_T: sample (this model's sampler unless `config`),
+        decode latents, clamp. cond: a class label or one per sample; None is the null one."""
+        config = config or self.sampler
+        eps_fn = self.eps_fn(**self.condition(cond, len(x_T)))
+        x0 = config.sample(
+            eps_fn, x_T, self.schedule, generator=generator, callback=callback, progress=progress
+        )
+        return self.decode(x0).clamp(-1, 1)
+
 
 def save_diffusion(
     path: str | os.PathLike,
@@ -75,11 +142,13 @@ def save_diffusion(
     dtype: torch.dtype = torch.float16,
     vae: AutoencoderKL | None = None,
     image_size: int | None = None,
+    sampler: SamplerConfig | None = None,
 ) -> Path:
     """Save a U-Net's weights (fp16 by default: half the size, same samples) with how to use it.
 
     With `vae` (latent diffusion) the autoencoder is stored too, SD-style, and `image_size` is the
     side of the images the latents decode to (MNIST: 28, cropped from the autoencoder's 32).
+    `sampler` is stored as the model's default way to sample (else DiffusionModel's default).
     """
     tensors = _half(unet.state_dict(), dtype, UNET_PREFIX if vae is not None else "")
     if vae is not None:
@@ -101,6 +170,8 @@ def save_diffusion(
     if vae is not None:
         meta["autoencoder_config"] = dataclasses.asdict(vae.config)
         meta["image_size"] = image_size
+    if sampler is not None:
+        meta["sampler"] = dataclasses.asdict(sampler)
     return save_tensors(path, tensors, meta)
 
 
@@ -182,7 +253,10 @@ def load_diffusion(
         kind, s["num_timesteps"], *betas, zero_terminal_snr=s["zero_terminal_snr"]
     )
     unet = unet.to(device).eval()
-    return DiffusionModel(unet, schedule, meta["prediction"], meta, vae, meta.get("image_size"))
+    sampler = SamplerConfig(**meta["sampler"]) if "sampler" in meta else None
+    return DiffusionModel(
+        unet, schedule, meta["prediction"], meta, vae, meta.get("image_size"), sampler
+    )
 
 
 def save_autoencoder(

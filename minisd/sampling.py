@@ -1,8 +1,16 @@
 """Samplers for the reverse process: DDPM ancestral sampling and DDIM.
 
-Every sampler is a pure function over a callable `eps_fn(x, t) -> eps`, with t a long tensor of
-shape (B,) holding 0-indexed timesteps in [0, T-1] (as in diffusers). Randomness comes only from
-the `generator` argument, so a seeded generator makes a sample reproducible.
+Every sampler is a pure function with one signature,
+
+    sampler(eps_fn, x_T, schedule, timesteps, *, generator=None, callback=None, progress=False,
+            **options)
+
+over a callable `eps_fn(x, t) -> eps`, with t a long tensor of shape (B,) holding 0-indexed
+timesteps in [0, T-1] (as in diffusers). Which timesteps to visit is chosen by its own functions
+(`ddpm_timesteps`, `ddim_timesteps`); `SAMPLERS` maps each sampler's name to its function, and a
+frozen `SamplerConfig` holds one choice of sampler, steps and options (`SD_V1_SAMPLER` is SD's).
+Randomness comes only from the `generator` argument, so a seeded generator makes a sample
+reproducible.
 
 Notation (paper -> code). DDIM writes alpha_t for what DDPM (and this code) calls alpha-bar_t:
     x_t                      -> x_t                          (B, C, H, W), or any (B, ...)
@@ -17,7 +25,8 @@ Notation (paper -> code). DDIM writes alpha_t for what DDPM (and this code) call
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -171,24 +180,62 @@ def ddpm_step(
     return _ddpm_step(schedule, x_t, eps, t, noise, variance, clip_x0, generator)[0]
 
 
+def _check_sequence(schedule: NoiseSchedule, timesteps: Sequence[int] | torch.Tensor) -> list[int]:
+    """The timesteps a sampler visits as a list of ints: 1-D, strictly descending, in [0, T-1]."""
+    ts = torch.as_tensor(timesteps)
+    if ts.ndim != 1 or ts.numel() == 0 or ts.is_floating_point() or ts.dtype == torch.bool:
+        raise ValueError(
+            f"timesteps must be a non-empty 1-D sequence of ints (e.g. ddim_timesteps(T, 50)), "
+            f"got {timesteps!r}"
+        )
+    ts = schedule.check_timesteps(ts)
+    if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError(
+            f"timesteps must run from noisy to clean (strictly descending), got {ts.tolist()}"
+        )
+    return ts.tolist()
+
+
+def ddpm_timesteps(num_train_timesteps: int, start: int | None = None) -> torch.Tensor:
+    """T-1, T-2, ..., 0: every step, as ancestral sampling needs (or start, ..., 0 to begin part
+    way, from a partly noised image)."""
+    T = num_train_timesteps
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"num_train_timesteps must be a positive int, got {T!r}")
+    start = T - 1 if start is None else start
+    if not isinstance(start, int) or not 0 <= start < T:
+        raise ValueError(f"start must be an int in [0, {T - 1}], got {start!r}")
+    return torch.arange(start, -1, -1)
+
+
 @torch.no_grad()
 def sample_ddpm(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
     schedule: NoiseSchedule,
+    timesteps: Sequence[int] | torch.Tensor,
     *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
     variance: str = "fixed_small",
     clip_x0: float | None = 1.0,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Ancestral sampling through all T steps, t = T-1, ..., 0 (Ho et al. 2020, Alg. 2)."""
+    """Ancestral sampling, t = timesteps[0], ..., 0 one step at a time (Ho et al. 2020, Alg. 2).
+
+    `ddpm_timesteps(T)` gives all T steps. Each step goes to t - 1; for fewer steps use
+    `sample_ddim` with eta = 1, which is DDPM's posterior between the steps it visits.
+    """
     _check_choice("variance", variance, VARIANCES)
     _check_clip(clip_x0)
+    ts = _check_sequence(schedule, timesteps)
+    if ts[-1] != 0 or any(a - b != 1 for a, b in zip(ts, ts[1:], strict=False)):
+        raise ValueError(
+            f"DDPM steps through every timestep down to 0 (see ddpm_timesteps), got "
+            f"{ts[:3]}...{ts[-1:]}; for fewer steps use sample_ddim with eta=1"
+        )
     x = x_T
-    timesteps = range(schedule.num_timesteps - 1, -1, -1)
-    for i, t in enumerate(progress_bar(timesteps, progress, desc="DDPM")):
+    for i, t in enumerate(progress_bar(ts, progress, desc="DDPM")):
         eps, t_batch = _call_eps_fn(eps_fn, x, t)
         noise = _randn_like(x, generator) if t > 0 else None
         x_prev, x0_pred = _ddpm_step(schedule, x, eps, t_batch, noise, variance, clip_x0, None)
@@ -309,26 +356,23 @@ def sample_ddim(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
     schedule: NoiseSchedule,
+    timesteps: Sequence[int] | torch.Tensor,
     *,
-    num_steps: int = 50,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
     eta: float = 0.0,
-    spacing: str = "leading",
-    steps_offset: int = 0,
     final_alpha_cumprod: float | None = 1.0,
     clip_x0: float | None = None,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DDIM sampling over a subsequence of num_steps timesteps (Song et al. 2021, eq. 12)."""
+    """DDIM sampling over descending `timesteps`, e.g. ddim_timesteps(T, 50) (Song et al. 2021,
+    eq. 12). Each step goes to the next timestep; the last to alpha-bar = final_alpha_cumprod."""
     _check_eta(eta)
     _check_clip(clip_x0)
     _check_final_alpha_cumprod(final_alpha_cumprod)
-    timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset).tolist()
-    # Each step goes to the next timestep in the list; the last one to alpha-bar = final.
-    t_prevs = timesteps[1:] + [-1]
+    ts = _check_sequence(schedule, timesteps)
     x = x_T
-    steps = list(zip(timesteps, t_prevs, strict=True))
+    steps = list(zip(ts, ts[1:] + [-1], strict=True))
     for i, (t, t_prev) in enumerate(progress_bar(steps, progress, desc="DDIM")):
         eps, t_batch = _call_eps_fn(eps_fn, x, t)
         noise = _randn_like(x, generator) if eta > 0 else None
@@ -349,3 +393,87 @@ def sample_ddim(
             )
         x = x_prev
     return x
+
+
+# ----- the one list of samplers, and one choice of sampler and options --------------------------
+Sampler = Callable[..., torch.Tensor]
+SAMPLERS: dict[str, Sampler] = {"ddim": sample_ddim, "ddpm": sample_ddpm}
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """One way to sample: the sampler, its number of steps, how they are spaced, its options.
+
+    A model carries one (`DiffusionModel.sampler`); pixel models clip x0 to the data range
+    [-1, 1], latent models do not (latents are unbounded). `steps` counts network evaluations:
+    DDPM always takes all T. Options a sampler does not have are ignored by it.
+    """
+
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0  # DDIM: 0 deterministic, 1 DDPM's posterior between the visited steps
+    spacing: str = "leading"  # DDIM: which `steps` of the T timesteps (ddim_timesteps)
+    steps_offset: int = 0
+    final_alpha_cumprod: float | None = 1.0  # DDIM's last step; None: alphas_cumprod[0] (SD v1)
+    clip_x0: float | None = None
+    variance: str = "fixed_small"  # DDPM
+
+    def __post_init__(self) -> None:
+        _check_choice("sampler", self.sampler, tuple(SAMPLERS))
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        _check_eta(self.eta)
+        _check_choice("spacing", self.spacing, SPACINGS)
+        if not isinstance(self.steps_offset, int) or self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be a non-negative int, got {self.steps_offset!r}")
+        _check_final_alpha_cumprod(self.final_alpha_cumprod)
+        _check_clip(self.clip_x0)
+        _check_choice("variance", self.variance, VARIANCES)
+
+    @property
+    def name(self) -> str:
+        """e.g. "DDIM-50", "DDIM-20 eta=0.5", "DDPM-1000"."""
+        return f"{self.sampler.upper()}-{self.steps}" + (f" eta={self.eta:g}" if self.eta else "")
+
+    def timesteps(self, num_train_timesteps: int) -> torch.Tensor:
+        if self.sampler == "ddpm":
+            if self.steps != num_train_timesteps:
+                raise ValueError(
+                    f"DDPM runs all {num_train_timesteps} steps, got {self.steps}; "
+                    f"for fewer steps use DDIM (eta=1 is DDPM-like)"
+                )
+            return ddpm_timesteps(num_train_timesteps)
+        return ddim_timesteps(num_train_timesteps, self.steps, self.spacing, self.steps_offset)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword options of this config's sampler function."""
+        if self.sampler == "ddpm":
+            return {"variance": self.variance, "clip_x0": self.clip_x0}
+        return {
+            "eta": self.eta,
+            "final_alpha_cumprod": self.final_alpha_cumprod,
+            "clip_x0": self.clip_x0,
+        }
+
+    def sample(
+        self,
+        eps_fn: EpsFn,
+        x_T: torch.Tensor,
+        schedule: NoiseSchedule,
+        *,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Run this config's sampler from x_T over its timesteps."""
+        return SAMPLERS[self.sampler](
+            eps_fn, x_T, schedule, self.timesteps(schedule.num_timesteps),
+            generator=generator, callback=callback, progress=progress, **self.options(),
+        )  # fmt: skip
+
+
+# Stable Diffusion v1's DDIM settings (its scheduler config): leading spacing shifted by one,
+# the last step to alphas_cumprod[0] (set_alpha_to_one=False), no clipping of latents.
+SD_V1_SAMPLER = SamplerConfig(
+    "ddim", 50, steps_offset=SD_V1_STEPS_OFFSET, final_alpha_cumprod=None, clip_x0=None
+)

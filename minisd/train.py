@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisd.checkpoint import load_tensors, save_tensors
+from minisd.conditioning import Conditioner, conditioner_for
 from minisd.course import get_device
 from minisd.course import progress as progress_bar
 from minisd.schedule import NoiseSchedule
@@ -358,9 +359,14 @@ def diffusion_loss_fn(
     prediction: str = "eps",
     class_dropout: float = 0.0,
     min_snr_gamma: float | None = None,
+    conditioner: Conditioner | None = None,
 ) -> LossFn:
-    """A `fit` loss for batches (x0,) or (x0, labels); labels are dropped to the null class with
-    probability class_dropout, so one model learns p(x|y) and p(x) (Ho & Salimans 2022)."""
+    """A `fit` loss for batches (x0,) or (x0, conditions); each condition is dropped to the null
+    one with probability class_dropout, so one model learns p(x|c) and p(x) (Ho & Salimans 2022).
+
+    The conditioner (class labels, text, ...) turns conditions into the model's keyword
+    arguments; None asks the model's config (`conditioner_for`): labels if it has num_classes.
+    """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if not 0.0 <= class_dropout < 1.0:
@@ -372,14 +378,14 @@ def diffusion_loss_fn(
     ) -> torch.Tensor:
         x0 = batch[0]
         kwargs = {}
-        if getattr(model, "config", None) is not None and model.config.num_classes is not None:
+        cond = conditioner or conditioner_for(model)
+        if cond is not None:
             if len(batch) < 2:
-                raise ValueError("a class-conditional model needs batches of (images, labels)")
-            y = batch[1]
-            if class_dropout:
-                drop = torch.rand(y.shape, generator=gen, device=y.device) < class_dropout
-                y = torch.where(drop, torch.full_like(y, model.null_class), y)
-            kwargs["y"] = y
+                raise ValueError(
+                    f"a conditional model ({cond!r}) needs batches of (images, conditions)"
+                )
+            c = cond.batch(batch[1], len(x0), x0.device)
+            kwargs = cond.model_kwargs(cond.drop(c, class_dropout, gen))
         return diffusion_loss(model, schedule, x0, gen, prediction, min_snr_gamma, **kwargs)
 
     return loss_fn

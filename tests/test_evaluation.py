@@ -29,23 +29,26 @@ def tiny_model(T=20):
 
 def test_generate_is_seeded_batched_and_in_range():
     model = tiny_model()
-    setting = evaluation.SamplerSetting("ddim", 5)
+    setting = model.sampler_config("ddim", 5)
+    assert setting.clip_x0 == 1.0  # a pixel model clips x0 to the data range
     a = evaluation.generate(model, 5, setting, seed=1, batch_size=2)
     b = evaluation.generate(model, 5, setting, seed=1, batch_size=2)
     assert a.shape == (5, 1, 28, 28) and torch.equal(a, b)
     assert a.min() >= -1 and a.max() <= 1
     assert not torch.equal(a, evaluation.generate(model, 5, setting, seed=2, batch_size=2))
-    ddpm = evaluation.generate(model, 2, evaluation.SamplerSetting("ddpm", 20), seed=0)
+    ddpm = evaluation.generate(model, 2, model.sampler_config("ddpm", 20), seed=0)
     assert ddpm.shape == (2, 1, 28, 28)
-    assert evaluation.SamplerSetting("ddim", 50, eta=0.5).name == "DDIM-50 eta=0.5"
+    assert evaluation.generate(tiny_model(T=50), 2, seed=0).shape == (2, 1, 28, 28)  # DDIM-50
 
 
 def test_generate_bad_settings():
     model = tiny_model()
     with pytest.raises(ValueError, match="DDPM runs all 20 steps"):
-        evaluation.generate(model, 1, evaluation.SamplerSetting("ddpm", 10))
-    with pytest.raises(ValueError, match="sampler must be one of"):
-        evaluation.generate(model, 1, evaluation.SamplerSetting("euler", 10))
+        evaluation.generate(model, 1, model.sampler_config("ddpm", 10))
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; choose one of ddim, ddpm"):
+        model.sampler_config("euler", 10)
+    with pytest.raises(ValueError, match="unconditional"):
+        evaluation.generate(model, 1, cond=3)
 
 
 def report(confident, fractions):
@@ -77,7 +80,7 @@ def test_score_reports_samples_and_baseline_at_the_same_n():
     result = evaluation.score(
         tiny_model(),
         20,
-        evaluation.SamplerSetting("ddim", 3),
+        tiny_model().sampler_config("ddim", 3),
         classifier=classifier,
         reference=reference,
         progress=False,

@@ -258,3 +258,34 @@ def test_latent_vs_pixel_trains_every_space_for_equal_time(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="twice"):
         cli.main(["latent-vs-pixel", "--vae", str(vae_path), "--seconds", "1", "--spaces",
                   "pixel", "pixel", "--out", str(out)])  # fmt: skip
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+@pytest.mark.parametrize(
+    "sampler, steps, eta", [("ddim", 3, 0.0), ("ddim", 3, 0.5), ("ddpm", 20, 0.0)]
+)
+def test_the_sample_command_draws_what_generate_draws(tmp_path, space, sampler, steps, eta):
+    """One way into sampling: the command line and evaluation give the same images."""
+    from minisd import __main__ as cli
+    from minisd.evaluation import generate
+
+    torch.manual_seed(0)
+    schedule = NoiseSchedule("linear", 20)
+    if space == "latent":
+        unet, extra = UNetModel(LATENT_UNET).eval(), {"vae": tiny_vae(), "image_size": 28}
+    else:
+        unet, extra = UNetModel(dataclasses.replace(TINY, in_channels=1, out_channels=1)), {}
+    randomize(unet, std=0.05)
+    path = save_diffusion(tmp_path / "m.safetensors", unet, schedule, "eps", **extra)
+    pt = tmp_path / "s.pt"
+    cli.main(["sample", "--checkpoint", str(path), "--n", "3", "--sampler", sampler,
+              "--steps", str(steps), "--eta", str(eta), "--seed", "4", "--out", "",
+              "--save-tensor", str(pt)])  # fmt: skip
+    model = load_diffusion(path)
+    assert model.sampler.clip_x0 == (None if space == "latent" else 1.0)
+    want = generate(model, 3, model.sampler_config(sampler, steps, eta=eta), seed=4)
+    got = torch.load(pt)
+    assert got.shape == (3, 1, 28, 28) and torch.equal(got, want)
+    assert not torch.equal(
+        got, generate(model, 3, model.sampler_config(sampler, steps, eta=eta), seed=5)
+    )

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from minisd import sampling
 from minisd.sampling import (
+    SAMPLERS,
+    SD_V1_SAMPLER,
     SD_V1_STEPS_OFFSET,
+    SamplerConfig,
     ddim_step,
     ddim_timesteps,
     ddpm_step,
+    ddpm_timesteps,
     eps_from_v,
     sample_ddim,
     sample_ddpm,
@@ -171,7 +177,9 @@ def test_sample_ddpm_matches_diffusers_loop():
         return torch.tanh(x * w) + t.view(-1, 1, 1, 1) / 20
 
     x_T = _randn(*SHAPE, seed=6)
-    got = sample_ddpm(eps_fn, x_T, schedule, generator=torch.Generator().manual_seed(0))
+    got = sample_ddpm(
+        eps_fn, x_T, schedule, ddpm_timesteps(20), generator=torch.Generator().manual_seed(0)
+    )
     x, generator = x_T, torch.Generator().manual_seed(0)
     for t in ref.timesteps:
         x = ref.step(eps_fn(x, t.repeat(len(x))), t, x, generator=generator).prev_sample
@@ -195,16 +203,9 @@ def test_sample_ddim_matches_diffusers_loop():
         return torch.tanh(x * w) + t.view(-1, 1, 1, 1) / T
 
     x_T, eta = _randn(*SHAPE, seed=6), 0.7
-    got = sample_ddim(
-        eps_fn,
-        x_T,
-        schedule,
-        num_steps=10,
-        eta=eta,
-        steps_offset=SD_V1_STEPS_OFFSET,
-        final_alpha_cumprod=None,
-        generator=torch.Generator().manual_seed(0),
-    )
+    # SD v1's preset, with 10 steps and eta > 0
+    config = dataclasses.replace(SD_V1_SAMPLER, steps=10, eta=eta)
+    got = config.sample(eps_fn, x_T, schedule, generator=torch.Generator().manual_seed(0))
     x, generator = x_T, torch.Generator().manual_seed(0)
     for t in ref.timesteps:
         x = ref.step(eps_fn(x, t.repeat(len(x))), t, x, eta=eta, generator=generator).prev_sample
@@ -219,8 +220,9 @@ def test_ddim_eta_zero_is_deterministic():
     def eps_fn(x, t):
         return 0.5 * x
 
-    first = sample_ddim(eps_fn, x_T, schedule, num_steps=10)
-    assert torch.equal(first, sample_ddim(eps_fn, x_T, schedule, num_steps=10))
+    ts = ddim_timesteps(1000, 10)
+    first = sample_ddim(eps_fn, x_T, schedule, ts)
+    assert torch.equal(first, sample_ddim(eps_fn, x_T, schedule, ts))
 
 
 def test_seeded_ddpm_is_reproducible():
@@ -229,7 +231,9 @@ def test_seeded_ddpm_is_reproducible():
 
     def run(seed):
         generator = torch.Generator().manual_seed(seed)
-        return sample_ddpm(lambda x, t: 0.5 * x, x_T, schedule, generator=generator)
+        return sample_ddpm(
+            lambda x, t: 0.5 * x, x_T, schedule, ddpm_timesteps(50), generator=generator
+        )
 
     assert torch.equal(run(1), run(1))
     assert not torch.allclose(run(1), run(2))
@@ -240,7 +244,7 @@ def test_ddim_with_oracle_eps_recovers_x0(spacing):
     schedule = NoiseSchedule("scaled_linear")
     x0 = 0.9 * torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 0.9
     x_T = 3 * _randn(1, 3, 8, 8, seed=1, dtype=torch.float32)  # any start, even off-distribution
-    out = sample_ddim(_oracle_eps_fn(schedule, x0), x_T, schedule, num_steps=20, spacing=spacing)
+    out = sample_ddim(_oracle_eps_fn(schedule, x0), x_T, schedule, ddim_timesteps(T, 20, spacing))
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-4)
 
 
@@ -249,19 +253,21 @@ def test_ddpm_with_oracle_eps_converges_to_x0():
     x0 = 0.9 * torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 0.9
     x_T = _randn(1, 3, 8, 8, seed=1, dtype=torch.float32)
     generator = torch.Generator().manual_seed(2)
-    out = sample_ddpm(_oracle_eps_fn(schedule, x0), x_T, schedule, generator=generator)
+    out = sample_ddpm(
+        _oracle_eps_fn(schedule, x0), x_T, schedule, ddpm_timesteps(T), generator=generator
+    )
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-4)
 
 
 def test_callback_sees_every_step_in_order():
     schedule = NoiseSchedule("linear", num_timesteps=30)
     x_T = _randn(*SHAPE, seed=0, dtype=torch.float32)
-    for sampler, kwargs, num_steps in (
-        (sample_ddpm, {}, 30),
-        (sample_ddim, {"num_steps": 7, "eta": 0.5}, 7),
+    for sampler, timesteps, kwargs, num_steps in (
+        (sample_ddpm, ddpm_timesteps(30), {}, 30),
+        (sample_ddim, ddim_timesteps(30, 7), {"eta": 0.5}, 7),
     ):
         seen = []
-        sampler(lambda x, t: 0.1 * x, x_T, schedule, callback=seen.append, **kwargs)
+        sampler(lambda x, t: 0.1 * x, x_T, schedule, timesteps, callback=seen.append, **kwargs)
         assert [info["i"] for info in seen] == list(range(num_steps))
         ts = [info["t"] for info in seen]
         assert ts == sorted(ts, reverse=True) and ts[-1] == 0
@@ -270,7 +276,7 @@ def test_callback_sees_every_step_in_order():
 
 def test_progress_bar_runs():
     schedule = NoiseSchedule("linear", num_timesteps=5)
-    out = sample_ddim(lambda x, t: x, torch.zeros(SHAPE), schedule, num_steps=5, progress=True)
+    out = sample_ddim(lambda x, t: x, torch.zeros(SHAPE), schedule, [4, 2, 0], progress=True)
     assert out.shape == SHAPE
 
 
@@ -317,7 +323,7 @@ def test_eps_from_v_inverts_velocity():
 def test_samplers_do_not_track_gradients():
     schedule = NoiseSchedule("linear", num_timesteps=5)
     scale = torch.tensor(0.5, requires_grad=True)
-    out = sample_ddim(lambda x, t: scale * x, torch.ones(SHAPE), schedule, num_steps=3)
+    out = sample_ddim(lambda x, t: scale * x, torch.ones(SHAPE), schedule, [4, 2, 0])
     assert not out.requires_grad
 
 
@@ -332,16 +338,16 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="eta must be >= 0"):
         ddim_step(schedule, x, eps, 3, 2, eta=-0.1)
     with pytest.raises(ValueError, match="eta must be >= 0"):
-        sample_ddim(lambda x, t: x, x, schedule, num_steps=2, eta=-1.0)
+        sample_ddim(lambda x, t: x, x, schedule, [5, 0], eta=-1.0)
     with pytest.raises(ValueError, match="shape of x_t"):
         ddpm_step(schedule, x, eps[:1], 3)
     with pytest.raises(ValueError, match="shape of x_t"):
         ddim_step(schedule, x, eps[..., :2], 3, 2)
     with pytest.raises(ValueError, match="eps_fn must return"):
-        sample_ddpm(lambda x, t: x[:, :1], x, schedule)
+        sample_ddpm(lambda x, t: x[:, :1], x, schedule, ddpm_timesteps(10))
     for num_steps in (0, 11, 2.5):
         with pytest.raises(ValueError, match=r"num_steps must be an int in \[1, 10\]"):
-            sample_ddim(lambda x, t: x, x, schedule, num_steps=num_steps)
+            ddim_timesteps(10, num_steps)
     with pytest.raises(ValueError, match="past the last timestep 9"):
         ddim_timesteps(10, 10, "leading", SD_V1_STEPS_OFFSET)
     with pytest.raises(ValueError, match="clip_x0"):
@@ -438,12 +444,14 @@ def test_sample_ddim_defaults_and_clipping_pass_through():
     schedule = NoiseSchedule("linear", num_timesteps=1000)
     x_T = 3 * _randn(*SHAPE, seed=0, dtype=torch.float32)
     seen = []
-    sample_ddim(lambda x, t: torch.zeros_like(x), x_T, schedule, callback=seen.append)
-    assert len(seen) == 50  # the default number of steps
+    sample_ddim(
+        lambda x, t: torch.zeros_like(x), x_T, schedule, ddim_timesteps(T, 5), callback=seen.append
+    )
+    assert SamplerConfig().steps == 50 and SamplerConfig().sampler == "ddim"  # the defaults
     assert max(info["x0_pred"].abs().max().item() for info in seen) > 1.5
     clipped = []
     sample_ddim(
-        lambda x, t: torch.zeros_like(x), x_T, schedule, num_steps=5, clip_x0=1.0,
+        lambda x, t: torch.zeros_like(x), x_T, schedule, ddim_timesteps(T, 5), clip_x0=1.0,
         callback=clipped.append,
     )  # fmt: skip
     assert max(info["x0_pred"].abs().max().item() for info in clipped) == 1.0
@@ -460,10 +468,11 @@ def test_callback_records_chain_from_step_to_step(sampler):
     seen = []
     if sampler == "ddpm":
         out = sample_ddpm(
-            eps_fn, x_T, schedule, generator=torch.Generator().manual_seed(0), callback=seen.append
-        )
+            eps_fn, x_T, schedule, ddpm_timesteps(20), generator=torch.Generator().manual_seed(0),
+            callback=seen.append,
+        )  # fmt: skip
     else:
-        out = sample_ddim(eps_fn, x_T, schedule, num_steps=5, callback=seen.append)
+        out = sample_ddim(eps_fn, x_T, schedule, ddim_timesteps(20, 5), callback=seen.append)
         assert [info["t_prev"] for info in seen] == [info["t"] for info in seen[1:]] + [-1]
     assert torch.equal(seen[0]["x_t"], x_T) and torch.equal(seen[-1]["x_prev"], out)
     for info, after in zip(seen, seen[1:], strict=False):
@@ -471,3 +480,74 @@ def test_callback_records_chain_from_step_to_step(sampler):
     for info in seen:
         t_batch = torch.full((SHAPE[0],), info["t"], dtype=torch.long)
         assert torch.equal(info["eps"], eps_fn(info["x_t"], t_batch))
+
+
+# ----- one way into sampling: the list of samplers, their timesteps, a frozen config -----------
+def test_every_sampler_has_one_signature_and_a_name():
+    schedule = NoiseSchedule("linear", num_timesteps=10)
+    x_T = _randn(*SHAPE, seed=0, dtype=torch.float32)
+    assert set(SAMPLERS) == {"ddim", "ddpm"}
+    for name, sampler in SAMPLERS.items():
+        config = SamplerConfig(name, 10)
+        seen = []
+        g = torch.Generator().manual_seed(3)
+        out = sampler(
+            lambda x, t: 0.1 * x, x_T, schedule, config.timesteps(10), generator=g,
+            callback=seen.append, progress=False, **config.options(),
+        )  # fmt: skip
+        again = config.sample(
+            lambda x, t: 0.1 * x, x_T, schedule, generator=torch.Generator().manual_seed(3)
+        )
+        assert torch.equal(out, again) and len(seen) == 10
+    assert SamplerConfig("ddim", 20, eta=0.5).name == "DDIM-20 eta=0.5"
+    assert SamplerConfig("ddpm", 1000).name == "DDPM-1000"
+
+
+def test_sd_v1_sampler_is_its_scheduler_config():
+    cfg = DDIMScheduler.from_config(
+        {**_diffusers_config("scaled_linear"), "steps_offset": 1, "set_alpha_to_one": False}
+    )
+    cfg.set_timesteps(50)
+    assert SD_V1_SAMPLER.timesteps(1000).tolist() == cfg.timesteps.tolist()
+    assert SD_V1_SAMPLER.timesteps(1000)[:2].tolist() == [981, 961]
+    assert SD_V1_SAMPLER.final_alpha_cumprod is None and SD_V1_SAMPLER.clip_x0 is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SD_V1_SAMPLER.steps = 20
+
+
+def test_timesteps_are_checked_once_per_call():
+    schedule = NoiseSchedule("linear", num_timesteps=10)
+    x = torch.zeros(SHAPE)
+    assert ddpm_timesteps(5).tolist() == [4, 3, 2, 1, 0]
+    assert ddpm_timesteps(10, start=3).tolist() == [3, 2, 1, 0]  # begin part way (img2img)
+    # a partly noised start is fine for both samplers
+    sample_ddpm(lambda x, t: x, x, schedule, [3, 2, 1, 0])
+    sample_ddim(lambda x, t: x, x, schedule, [6, 3])
+    for bad, match in (
+        ([2, 5], "strictly descending"),
+        ([3, 3, 0], "strictly descending"),
+        ([], "non-empty 1-D"),
+        ([[3, 0]], "non-empty 1-D"),
+        ([2.0, 0.0], "non-empty 1-D"),
+        ([12, 0], r"\[0, 9\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sample_ddim(lambda x, t: x, x, schedule, bad)
+    with pytest.raises(ValueError, match="every timestep down to 0.*sample_ddim with eta=1"):
+        sample_ddpm(lambda x, t: x, x, schedule, [9, 5, 0])
+    with pytest.raises(ValueError, match="every timestep down to 0"):
+        sample_ddpm(lambda x, t: x, x, schedule, [3, 2, 1])
+    with pytest.raises(ValueError, match="DDPM runs all 10 steps"):
+        SamplerConfig("ddpm", 5).timesteps(10)
+    for kwargs, match in (
+        ({"sampler": "euler"}, "ddim, ddpm"),
+        ({"steps": 0}, "positive int"),
+        ({"eta": -1.0}, "eta"),
+        ({"spacing": "karras"}, "leading"),
+        ({"steps_offset": -1}, "steps_offset"),
+        ({"final_alpha_cumprod": 0.0}, "final_alpha_cumprod"),
+        ({"clip_x0": 0.0}, "clip_x0"),
+        ({"variance": "learned"}, "fixed_small"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SamplerConfig(**kwargs)
