@@ -158,13 +158,7 @@ def save_diffusion(
     meta = {
         "format": FORMAT,
         "unet_config": dataclasses.asdict(unet.config),
-        "schedule": {
-            "kind": schedule.kind,
-            "num_timesteps": schedule.num_timesteps,
-            "beta_start": schedule.betas[0].item(),
-            "beta_end": schedule.betas[-1].item(),
-            "zero_terminal_snr": schedule.zero_terminal_snr,
-        },
+        "schedule": schedule.to_dict(),
         "prediction": prediction,
     }
     if vae is not None:
@@ -246,12 +240,7 @@ def load_diffusion(
         vae = vae.to(device).eval()
         tensors = _strip(tensors, UNET_PREFIX, dtype)
     unet.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
-    s = meta["schedule"]
-    kind = s["kind"]
-    betas = (None, None) if kind == "cosine" else (s["beta_start"], s["beta_end"])
-    schedule = NoiseSchedule(
-        kind, s["num_timesteps"], *betas, zero_terminal_snr=s["zero_terminal_snr"]
-    )
+    schedule = NoiseSchedule.from_dict(meta["schedule"])
     unet = unet.to(device).eval()
     sampler = SamplerConfig(**meta["sampler"]) if "sampler" in meta else None
     return DiffusionModel(

@@ -30,7 +30,7 @@ DEFAULT_BETA_RANGE: dict[str, tuple[float, float]] = {
 COSINE_MAX_BETA = 0.999
 # Nichol & Dhariwal's offset s, so that beta_0 is not vanishingly small.
 COSINE_OFFSET = 0.008
-# The sigmoid schedule squashes linspace(-6, 6) (Jabri et al. 2022, as in diffusers).
+# The sigmoid schedule squashes linspace(-6, 6): GeoDiff's (Xu et al. 2022), as diffusers has it.
 SIGMOID_RANGE = 6.0
 # Names diffusers' DDPMScheduler uses for the same schedules (for parity tests and loading).
 DIFFUSERS_NAMES: dict[str, str] = {
@@ -113,7 +113,38 @@ class NoiseSchedule:
             betas = rescale_zero_terminal_snr(betas)
         self.kind = kind
         self.zero_terminal_snr = zero_terminal_snr
+        # The range asked for (before any rescaling): what rebuilds this schedule (`to_dict`).
+        default = DEFAULT_BETA_RANGE.get(kind, (None, None))
+        self.beta_start = default[0] if beta_start is None else float(beta_start)
+        self.beta_end = default[1] if beta_end is None else float(beta_end)
         self._set_betas(betas)
+
+    def to_dict(self) -> dict:
+        """What rebuilds this schedule (`from_dict`): its arguments, or a custom one's betas."""
+        if self.kind == "custom":
+            return {"kind": "custom", "betas": self.betas.tolist()}
+        return {
+            "kind": self.kind,
+            "num_timesteps": self.num_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "zero_terminal_snr": self.zero_terminal_snr,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NoiseSchedule:
+        """The schedule `to_dict` describes (as stored in a checkpoint's metadata)."""
+        if d.get("kind") == "custom":
+            return cls.from_betas(d["betas"])
+        # Files from before to_dict stored betas[0] and betas[-1] for the cosine schedule too.
+        no_range = d["kind"] == "cosine"
+        return cls(
+            d["kind"],
+            d["num_timesteps"],
+            None if no_range else d.get("beta_start"),
+            None if no_range else d.get("beta_end"),
+            zero_terminal_snr=d.get("zero_terminal_snr", False),
+        )
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor | list[float]) -> NoiseSchedule:
@@ -125,6 +156,7 @@ class NoiseSchedule:
             )
         self = cls.__new__(cls)
         self.kind = "custom"
+        self.beta_start = self.beta_end = None
         self.zero_terminal_snr = bool(betas[-1] == 1)
         self._set_betas(betas)
         return self

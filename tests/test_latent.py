@@ -289,3 +289,20 @@ def test_the_sample_command_draws_what_generate_draws(tmp_path, space, sampler, 
     assert not torch.equal(
         got, generate(model, 3, model.sampler_config(sampler, steps, eta=eta), seed=5)
     )
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        NoiseSchedule("sigmoid", 30),  # betas[0] is not the range's start
+        NoiseSchedule("scaled_linear", 30, zero_terminal_snr=True),  # betas[-1] is 1
+        NoiseSchedule("cosine", 30),
+        NoiseSchedule.from_betas(torch.linspace(0.01, 0.2, 30)),
+    ],
+    ids=["sigmoid", "zero-terminal-snr", "cosine", "custom"],
+)
+def test_every_schedule_survives_a_checkpoint(tmp_path, schedule):
+    unet = UNetModel(dataclasses.replace(TINY, in_channels=1, out_channels=1))
+    model = load_diffusion(save_diffusion(tmp_path / "m.safetensors", unet, schedule, "eps"))
+    assert model.schedule.kind == schedule.kind
+    torch.testing.assert_close(model.schedule.betas, schedule.betas, rtol=0, atol=0)

@@ -289,3 +289,21 @@ def test_forward_step_and_closed_form_against_the_formulas():
     )
     with pytest.raises(ValueError, match="batch dimension"):
         s.add_noise(torch.tensor(1.0), torch.tensor(0.0), 0)
+
+
+@pytest.mark.parametrize("kind", SCHEDULE_KINDS)
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_a_schedule_is_rebuilt_from_its_dict(kind, zero_snr):
+    s = NoiseSchedule(kind, 50, zero_terminal_snr=zero_snr)
+    d = s.to_dict()
+    assert d["beta_start"] == (None if kind == "cosine" else PUBLISHED_BETA_RANGE[kind][0])
+    rebuilt = NoiseSchedule.from_dict(d)
+    assert (rebuilt.kind, rebuilt.zero_terminal_snr) == (kind, zero_snr)
+    torch.testing.assert_close(rebuilt.betas, s.betas, rtol=0, atol=0)
+
+
+def test_a_custom_schedule_is_rebuilt_from_its_betas():
+    s = NoiseSchedule.from_betas([0.1, 0.2, 1.0])
+    rebuilt = NoiseSchedule.from_dict(s.to_dict())
+    assert rebuilt.kind == "custom" and rebuilt.zero_terminal_snr
+    torch.testing.assert_close(rebuilt.betas, s.betas, rtol=0, atol=0)
