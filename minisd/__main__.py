@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from minisd import unet as unet_module
-from minisd.cli import command_line, run_commands
+from minisd.cli import add_device_and_seed, command_line, run_commands
 from minisd.course import get_device, hardware
 from minisd.data import LOADERS, load_dataset
 from minisd.latent import cached_latents, encode_images
@@ -23,6 +23,7 @@ from minisd.latent_cli import add_commands as add_latent_commands
 from minisd.pretrained import load_autoencoder, load_diffusion, save_diffusion, write_sidecar
 from minisd.sampling import SAMPLERS, VARIANCES
 from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
+from minisd.summary import count_parameters
 from minisd.train import PREDICTIONS, TrainConfig, diffusion_loss_fn, fit
 
 PRESETS = ("TINY", "MNIST", "CIFAR")
@@ -55,7 +56,7 @@ def _init_from(args: argparse.Namespace, model: torch.nn.Module, schedule: Noise
                 (schedule.kind, schedule.num_timesteps),
             ),
             ("prediction", bundle.prediction, args.prediction),
-            ("latent model", bundle.vae is not None, bool(args.latent_vae)),
+            ("latent model", bundle.is_latent, bool(args.latent_vae)),
         )
         if theirs != ours
     ]
@@ -105,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.min_snr_gamma,
     )
     data = (samples, labels) if args.class_cond else (samples,)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     commands = run_commands(args)
     print(
         f"training a {n_params / 1e6:.2f}M-parameter U-Net on {len(images)} {args.dataset} images"
@@ -246,7 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--latent-vae", default=None, help="autoencoder checkpoint: train on its latents"
     )
-    t.add_argument("--device", default=None)
     t.add_argument(
         "--class-dropout", type=float, default=0.1, help="p(label -> null) with --class-cond"
     )
@@ -264,7 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--decay-steps", type=int, default=0, help="lr falls linearly to 0 over the last N steps"
     )
     t.add_argument("--ema-decay", type=float, default=0.999)
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=250)
     t.add_argument("--run-dir", default=None, help="folder for the resumable training checkpoint")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
@@ -276,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--export", default=None, help="write the EMA model + JSON sidecar here at the end"
     )
+    add_device_and_seed(t)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="sample images from a trained model")
@@ -289,19 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--label", type=int, default=None, help="class to draw (class-conditional models)"
     )
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default=None)
     s.add_argument("--out", default="samples.png")
     s.add_argument("--save-tensor", default=None, help="also save the samples as a .pt tensor")
+    add_device_and_seed(s)
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="score DDIM samples with the MNIST classifier's metrics")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--n", type=int, default=1000)
     e.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default=None)
     e.add_argument("--write-sidecar", action="store_true", help="store the metrics in its JSON")
+    add_device_and_seed(e)
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("compare-samplers", help="DDPM vs DDIM: time per sample and sample quality")
@@ -310,9 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 20, 50, 100])
     c.add_argument("--ddpm", action="store_true", help="also run full DDPM (slow: T steps)")
     c.add_argument("--keep", type=int, default=16, help="samples per setting kept for display")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default=None)
     c.add_argument("--out", required=True, help="results .json (samples go beside it)")
+    add_device_and_seed(c)
     c.set_defaults(func=cmd_compare_samplers)
     add_latent_commands(sub)
     return parser

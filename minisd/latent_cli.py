@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from minisd import vae as vae_module
-from minisd.cli import command_line, run_commands
+from minisd.cli import add_device_and_seed, command_line, run_commands
 from minisd.course import get_device, hardware, seed_everything
 from minisd.data import LOADERS, load_dataset, load_mnist
 from minisd.latent import (
@@ -30,6 +30,7 @@ from minisd.latent import (
     training_cost,
 )
 from minisd.pretrained import load_autoencoder, save_autoencoder, write_metrics, write_sidecar
+from minisd.summary import count_parameters
 from minisd.train import TrainConfig, fit
 from minisd.vae import AutoencoderKL, psnr, vae_loss_fn
 
@@ -72,7 +73,7 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
     commands = run_commands(args)
     torch.manual_seed(args.seed)
     model = AutoencoderKL(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     print(f"training a {n_params / 1e6:.2f}M-parameter autoencoder on {len(images)} images")
     result = fit(
         model, loss_fn, (data,), config, args.run_dir, args.resume, device=get_device(args.device)
@@ -233,7 +234,7 @@ def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
             "sample_shape": list(data.shape[1:]),
             "data_std": data.std().item(),
             "values_per_sample": cost["values_per_sample"],
-            "parameters": sum(p.numel() for p in unet.parameters()),
+            "parameters": count_parameters(unet),
             "seconds_per_step": cost["seconds_per_step"],
             "activation_mib": cost["activation_bytes"] / 2**20,
             "train_seconds": result.seconds,
@@ -286,20 +287,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--lr", type=float, default=1e-3)
     v.add_argument("--warmup", type=int, default=100)
-    v.add_argument("--seed", type=int, default=0)
     v.add_argument("--checkpoint-every", type=int, default=250)
     v.add_argument("--scale-images", type=int, default=10_000, help="images for scale_factor")
-    v.add_argument("--device", default=None)
     v.add_argument("--run-dir", default=None, help="folder for the resumable training checkpoint")
     v.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     v.add_argument("--export", default=None, help="write the autoencoder + JSON sidecar here")
+    add_device_and_seed(v)
     v.set_defaults(func=cmd_train_vae)
 
     e = sub.add_parser("evaluate-vae", help="PSNR and classifier accuracy of reconstructions")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--n", type=int, default=10_000, help="MNIST test digits (all 10k by default)")
-    e.add_argument("--device", default=None)
     e.add_argument("--write-sidecar", action="store_true", help="store the metrics in its JSON")
+    add_device_and_seed(e, seed=False)
     e.set_defaults(func=cmd_evaluate_vae)
 
     c = sub.add_parser("latent-vs-pixel", help="train a pixel and a latent U-Net for equal time")
@@ -321,7 +321,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="what to train on: pixels, scaled latents, latents without the scale factor",
     )
     c.add_argument("--keep", type=int, default=16, help="samples per model kept for display")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default=None)
     c.add_argument("--out", required=True, help="results .json (samples go beside it)")
+    add_device_and_seed(c)
     c.set_defaults(func=cmd_latent_vs_pixel)

@@ -29,6 +29,7 @@ from torch import nn
 from minisd.checkpoint import file_sha256, load_tensors, save_json, save_tensors
 from minisd.course import hardware, seed_everything
 from minisd.data import REPO_DATA, load_mnist
+from minisd.summary import count_parameters
 from minisd.train import TrainConfig, fit
 
 DEFAULT_CLASSIFIER = REPO_DATA / "checkpoints" / "mnist_classifier.safetensors"
@@ -409,7 +410,7 @@ def train_classifier(
     baselines = {n: asdict(real_baseline(n, model, reference, test_images)) for n in baseline_ns}
     info = {
         "architecture": {"class": "minisd.metrics.MnistClassifier", **asdict(config)},
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": count_parameters(model),
         "train_phases": [asdict(c) for c in phases],
         "command": f"MINISD_DATA=<folder holding MNIST/raw> {TRAIN_COMMAND} --steps {steps} "
         f"--batch-size {batch_size} --lr {lr:g} --seed {seed}",
