@@ -173,6 +173,57 @@ def check_ddim_step(fn: Callable[..., torch.Tensor]) -> bool:
     return _report(name, True)
 
 
+def check_untrained_loss(answer: float | None) -> bool:
+    """Exercise 02.4 (predict, then check): the DDPM loss of a network that always outputs 0."""
+    name = "Exercise 4 (the loss before training)"
+    if answer is None:
+        return _report(name, False, "not attempted yet: set untrained_loss to your prediction")
+    try:
+        answer = float(answer)
+    except (TypeError, ValueError):
+        return _report(name, False, f"answer with a number, got {type(answer).__name__}")
+    # measured, not assumed: zero predictions at every t, on data of any scale
+    sched = NoiseSchedule("linear", 1000)
+    g = torch.Generator().manual_seed(6)
+    losses = []
+    for t in (0, 500, 999):
+        x0 = 3 * torch.rand(256, 1, 8, 8, generator=g) - 1.5
+        noise = torch.randn(x0.shape, generator=g)
+        sched.add_noise(x0, noise, t)  # what the network would see; it ignores it
+        losses.append(((0 * x0 - noise) ** 2).mean().item())
+    if abs(answer - 1.0) > 0.05:
+        return _report(
+            name,
+            False,
+            f"measured {', '.join(f'{v:.3f}' for v in losses)} at t = 0, 500, 999; "
+            "what is the mean square of a standard normal?",
+        )
+    return _report(name, True, "E[eps^2] = 1 whatever t and x0 are: the target is the noise")
+
+
+def check_snr_multiplier(answer: float | None) -> bool:
+    """Exercise 03.4 (reason, then check): how unscaled latents of std 5.5 change SNR(t)."""
+    name = "Exercise 4 (SNR of unscaled latents)"
+    if answer is None:
+        return _report(name, False, "not attempted yet: set snr_multiplier to your answer")
+    try:
+        answer = float(answer)
+    except (TypeError, ValueError):
+        return _report(name, False, f"answer with a number, got {type(answer).__name__}")
+    sched = NoiseSchedule("linear", 1000)
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(4096, generator=g, dtype=torch.float64)
+    z = z / z.std()  # unit variance exactly, so the measured ratio is the answer's
+    t = torch.tensor([100, 400, 800])
+    ab = sched.alphas_cumprod[t]
+    # signal-to-noise ratio of x_t = sqrt(ab) x0 + sqrt(1 - ab) eps: signal power over noise's
+    measured = ((ab * (5.5 * z).var()) / (ab * z.var())).mean().item()
+    if abs(answer - measured) > 0.01 * measured:
+        hint = "the std itself?" if abs(answer - 5.5) < 0.1 else "think of variances"
+        return _report(name, False, f"not that ({hint}); SNR is signal power / noise power")
+    return _report(name, True, f"x{measured:.2f} at every t: the variance 5.5^2 multiplies SNR")
+
+
 # ----- notebook 03: the autoencoder and latent space -------------------------------------------
 def check_reparameterize(fn: Callable[..., torch.Tensor]) -> bool:
     """Exercise 03.1: fn(mean, logvar, eps) -> z = mean + std * eps, std from the log-variance."""
@@ -230,3 +281,103 @@ def check_scale_factor(fn: Callable[[torch.Tensor], float]) -> bool:
     if abs(got - want) > 1e-3 * want:
         return _report(name, False, "hint: one std over all values of all latents, then 1 / it")
     return _report(name, True)
+
+
+# ----- solutions a student can reveal -----------------------------------------------------------
+# Each: (what it defines, the checker it passes, the code, why). `solution("02.3")` prints one;
+# tests/test_exercises.py runs every one through its checker.
+SOLUTIONS: dict[str, tuple[str, str, str, str]] = {
+    "01.1": (
+        "alphas_cumprod",
+        "check_alphas_cumprod",
+        "def alphas_cumprod(betas):\n    return torch.cumprod(1 - betas, dim=0)\n",
+        "alpha-bar_t is the product of alpha_s = 1 - beta_s for s <= t: a running product.",
+    ),
+    "01.2": (
+        "q_sample",
+        "check_q_sample",
+        "def q_sample(x0, noise, t, alphas_cumprod):\n"
+        "    ab = alphas_cumprod[t].reshape(-1, *([1] * (x0.ndim - 1)))\n"
+        "    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise\n",
+        "DDPM eq. 4; alpha-bar is gathered per sample and reshaped to (B, 1, 1, 1) to broadcast.",
+    ),
+    "01.3": (
+        "snr_crossing",
+        "check_snr_crossing",
+        "ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)\n"
+        "snr_crossing = int((ab / (1 - ab) < 1).nonzero()[0])\n",
+        "SNR = ab / (1 - ab) < 1 exactly when ab < 1/2: the first step that keeps less than "
+        "half of the signal's variance. SNR only falls, so the first such t is the crossing.",
+    ),
+    "02.1": (
+        "my_timestep_embedding",
+        "check_timestep_embedding",
+        "def my_timestep_embedding(t, dim):\n"
+        "    half = dim // 2\n"
+        "    freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)\n"
+        "    args = t.float()[:, None] * freqs[None]\n"
+        "    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)\n",
+        "Geometric frequencies from 1 down to 1/10000; ldm puts the cosines first.",
+    ),
+    "02.2": (
+        "ddpm_loss",
+        "check_ddpm_loss",
+        "def ddpm_loss(model, x0, t, noise, alphas_cumprod):\n"
+        "    ab = alphas_cumprod[t].reshape(-1, 1, 1, 1)\n"
+        "    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise\n"
+        "    return ((model(x_t, t) - noise) ** 2).mean()\n",
+        "Noise x0 in closed form, ask the model for the noise, mean squared error (Alg. 1).",
+    ),
+    "02.3": (
+        "ddim_step",
+        "check_ddim_step",
+        "def ddim_step(x_t, eps, ab_t, ab_prev):\n"
+        "    x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5\n"
+        "    return ab_prev**0.5 * x0 + (1 - ab_prev) ** 0.5 * eps\n",
+        "Predict x0 by inverting eq. 4, then noise it to the less noisy level ab_prev with the "
+        "same eps (DDIM eq. 12 with sigma = 0): no fresh noise, so the step is deterministic.",
+    ),
+    "02.4": (
+        "untrained_loss",
+        "check_untrained_loss",
+        "untrained_loss = 1.0\n",
+        "The target is the noise eps ~ N(0, I); predicting 0 leaves the whole of it as error, and "
+        "E[eps^2] = 1 per value, whatever t or the image: t only decides what the network sees.",
+    ),
+    "03.1": (
+        "reparameterize",
+        "check_reparameterize",
+        "def reparameterize(mean, logvar, eps):\n    return mean + torch.exp(0.5 * logvar) * eps\n",
+        "std = exp(logvar / 2); z is a differentiable function of mean and logvar.",
+    ),
+    "03.2": (
+        "gaussian_kl",
+        "check_gaussian_kl",
+        "def gaussian_kl(mean, logvar):\n"
+        "    kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar)\n"
+        "    return kl.flatten(1).sum(1)\n",
+        "The KL of two Gaussians in closed form, per value, summed over C, H, W of each sample.",
+    ),
+    "03.3": (
+        "scale_factor",
+        "check_scale_factor",
+        "def scale_factor(latents):\n    return 1.0 / latents.flatten().std().item()\n",
+        "One std over every value of every latent (a dataset statistic), and its inverse.",
+    ),
+    "03.4": (
+        "snr_multiplier",
+        "check_snr_multiplier",
+        "snr_multiplier = 5.5**2\n",
+        "SNR(t) = ab_t Var(x0) / (1 - ab_t): the data's variance multiplies it at every step. "
+        "Latents of std 5.5 keep 30x the SNR, so noise at a given t destroys far less of them.",
+    ),
+}
+
+
+def solution(exercise: str) -> str:
+    """Print (and return) one answer to an exercise, e.g. solution("02.3"), and why it works."""
+    if exercise not in SOLUTIONS:
+        raise ValueError(f"no exercise {exercise!r}; choose one of {', '.join(SOLUTIONS)}")
+    _, _, code, why = SOLUTIONS[exercise]
+    print(f"# Exercise {exercise}: {why}\n{code}")
+    return code

@@ -1,5 +1,8 @@
 """The exercise checkers accept right answers and reject wrong or missing ones."""
 
+import math
+
+import pytest
 import torch
 
 from minisd import exercises
@@ -118,3 +121,31 @@ def test_scale_factor_checker(capsys):
     assert not exercises.check_scale_factor(lambda z: z.std().item())
     assert "std itself" in capsys.readouterr().out
     assert not exercises.check_scale_factor(lambda z: 1 / z.abs().max().item())
+
+
+@pytest.mark.parametrize("exercise", sorted(exercises.SOLUTIONS))
+def test_every_revealed_solution_passes_its_checker(exercise, capsys):
+    name, checker, code, _ = exercises.SOLUTIONS[exercise]
+    assert exercises.solution(exercise) == code and code in capsys.readouterr().out
+    namespace = {"torch": torch, "math": math}
+    exec(code, namespace)
+    assert getattr(exercises, checker)(namespace[name]) is True
+
+
+def test_every_checker_has_a_solution_and_unknown_ids_are_refused():
+    checkers = {n for n in dir(exercises) if n.startswith("check_")}
+    assert checkers == {checker for _, checker, _, _ in exercises.SOLUTIONS.values()}
+    with pytest.raises(ValueError, match="choose one of 01.1"):
+        exercises.solution("9.9")
+
+
+def test_the_reasoning_exercises_reject_the_tempting_wrong_answers(capsys):
+    assert not exercises.check_untrained_loss(None)
+    assert not exercises.check_untrained_loss(0.0)  # "it outputs zero, so zero loss"
+    assert not exercises.check_untrained_loss("one")
+    assert "mean square of a standard normal" in capsys.readouterr().out
+    assert exercises.check_untrained_loss(0.98)  # a prediction, not a float to the last digit
+    assert not exercises.check_snr_multiplier(5.5)  # the std, not the variance
+    assert "the std itself" in capsys.readouterr().out
+    assert not exercises.check_snr_multiplier(1 / 5.5**2)
+    assert exercises.check_snr_multiplier(30.25)
