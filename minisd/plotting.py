@@ -78,3 +78,85 @@ def plot_schedules(
     axes[2].axhline(0, color="gray", lw=0.6)
     axes[1].legend(fontsize=8)
     return axes
+
+
+# ----- the whole system, one lesson's part highlighted -----------------------------------------
+# Each box: (key, label, x, y) on a 12 x 4 canvas; arrows between keys. Training path below,
+# sampling path in the middle, text conditioning on top.
+SYSTEM_BOXES: tuple[tuple[str, str, float, float], ...] = (
+    ("prompt", 'prompt\n"a handwritten 7"', 0.9, 3.3),
+    ("tokenizer", "tokenizer\n(ids)", 3.0, 3.3),
+    ("text_encoder", "text encoder\n(embeddings c)", 5.3, 3.3),
+    ("noise", "noise\n$z_T \\sim \\mathcal{N}(0, I)$", 0.9, 1.9),
+    ("unet", "U-Net\n$\\varepsilon_\\theta(z_t, t, c)$", 5.3, 1.9),
+    ("sampler", "sampler step\n(DDPM / DDIM), x N", 7.7, 1.9),
+    ("guidance", "guidance\n(cond. vs null)", 7.7, 3.3),
+    ("decoder", "decoder\n$\\mathcal{D}(z_0)$", 9.9, 1.9),
+    ("output", "image", 11.6, 1.9),
+    ("image", "training image\n$x_0$", 0.9, 0.5),
+    ("encoder", "encoder\n$\\mathcal{E}(x_0) = z_0$", 3.0, 0.5),
+    ("forward", "forward noising\n$q(z_t \\mid z_0)$", 5.3, 0.5),
+)
+SYSTEM_ARROWS: tuple[tuple[str, str], ...] = (
+    ("prompt", "tokenizer"),
+    ("tokenizer", "text_encoder"),
+    ("text_encoder", "unet"),
+    ("noise", "unet"),
+    ("unet", "sampler"),
+    ("guidance", "sampler"),
+    ("sampler", "decoder"),
+    ("decoder", "output"),
+    ("image", "encoder"),
+    ("encoder", "forward"),
+    ("forward", "unet"),
+)
+# What each lesson builds (06 runs all of it at Stable Diffusion's size).
+LESSON_PARTS: dict[str, tuple[str, ...]] = {
+    "01": ("image", "forward"),
+    "02": ("noise", "unet", "sampler"),
+    "03": ("image", "encoder", "decoder", "output"),
+    "04": ("prompt", "tokenizer", "text_encoder", "unet"),
+    "05": ("guidance", "sampler"),
+    "06": tuple(key for key, *_ in SYSTEM_BOXES),
+}
+
+
+def system_diagram(lesson: str, ax: plt.Axes | None = None) -> tuple[str, ...]:
+    """Draw text -> encoder -> U-Net loop over latents -> decoder, with `lesson`'s parts in colour.
+
+    Returns the keys of the highlighted boxes (what a notebook can assert on).
+    """
+    if lesson not in LESSON_PARTS:
+        raise ValueError(f"unknown lesson {lesson!r}; choose one of {', '.join(LESSON_PARTS)}")
+    lit = LESSON_PARTS[lesson]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 3.6))
+    where = {key: (x, y) for key, _, x, y in SYSTEM_BOXES}
+    for key, label, x, y in SYSTEM_BOXES:
+        on = key in lit
+        ax.text(
+            x, y, label, ha="center", va="center", fontsize=8,
+            color="black" if on else "0.55",
+            bbox={"boxstyle": "round,pad=0.4", "fc": "#ffd27f" if on else "white",
+                  "ec": "#c77700" if on else "0.7", "lw": 1.5 if on else 0.8},
+        )  # fmt: skip
+    for a, b in SYSTEM_ARROWS:
+        (xa, ya), (xb, yb) = where[a], where[b]
+        on = a in lit and b in lit
+        ax.annotate(
+            "", xy=(xb, yb), xytext=(xa, ya),
+            arrowprops={"arrowstyle": "->", "color": "#c77700" if on else "0.7",
+                        "shrinkA": 24, "shrinkB": 24, "lw": 1.2},
+        )  # fmt: skip
+    ax.annotate(
+        "", xy=(5.9, 2.25), xytext=(7.2, 2.25),
+        arrowprops={"arrowstyle": "->", "connectionstyle": "arc3,rad=0.5", "color": "0.5"},
+    )  # fmt: skip
+    ax.text(6.5, 2.7, "$z_{t-1}$ back in", fontsize=7, color="0.4", ha="center")
+    ax.text(0.1, 0.0, "training: the U-Net learns to find the noise", fontsize=7, color="0.4")
+    ax.text(0.1, 2.55, "sampling: start from noise, denoise step by step", fontsize=7, color="0.4")
+    ax.set(
+        xlim=(0, 12), ylim=(-0.2, 4), title=f"Stable Diffusion, the whole system: lesson {lesson}"
+    )
+    ax.axis("off")
+    return lit

@@ -74,3 +74,19 @@ def test_schedule_explorer_widget_redraws_on_change():
         NoiseSchedule("cosine", 100).alphas_cumprod[50].item()
     )
     plt.close("all")
+
+
+def test_the_system_diagram_highlights_each_lessons_parts():
+    from minisd.plotting import LESSON_PARTS, SYSTEM_BOXES, system_diagram
+
+    keys = {key for key, *_ in SYSTEM_BOXES}
+    fig, ax = plt.subplots()
+    assert system_diagram("03", ax=ax) == LESSON_PARTS["03"]
+    drawn = [t.get_text() for t in ax.texts]
+    assert all(label in drawn for _, label, *_ in SYSTEM_BOXES)  # every box, lit or not
+    assert "encoder" in LESSON_PARTS["03"] and "decoder" in LESSON_PARTS["03"]
+    assert set(LESSON_PARTS["06"]) == keys  # lesson 06 runs the whole system
+    assert all(set(parts) <= keys for parts in LESSON_PARTS.values())
+    plt.close(fig)
+    with pytest.raises(ValueError, match="choose one of 01"):
+        system_diagram("07")
