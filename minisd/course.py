@@ -1,11 +1,12 @@
-"""Course conventions every notebook uses: device, seeding, quick/full profile, progress bars."""
+"""Course conventions every notebook uses: device, seeding, quick/full profile, progress bars,
+and the signature of a loss that `train.fit` trains with."""
 
 from __future__ import annotations
 
 import os
 import platform
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -15,6 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
+
+# loss_fn(model, batch, generator) -> scalar loss: what `train.fit` calls every step, for the
+# diffusion U-Net (train.diffusion_loss_fn) and the autoencoder (vae.vae_loss_fn) alike.
+LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.Generator], torch.Tensor]
 
 PROFILE_ENV = "MINISD_PROFILE"
 PROFILES = ("quick", "full")

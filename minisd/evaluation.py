@@ -1,4 +1,5 @@
-"""Measure a trained diffusion model: sample it, score the samples, compare samplers.
+"""Measure trained models, and every pass bar a shipped model must meet, in one place: sample a
+diffusion model, score the samples, compare samplers; reconstruct with an autoencoder.
 
     python -m minisd evaluate --checkpoint data/checkpoints/ddpm_mnist.safetensors --n 1000
     python -m minisd compare-samplers --checkpoint ... --out data/results/ddpm_mnist_samplers.json
@@ -20,8 +21,11 @@ import torch
 
 from minisd.checkpoint import file_sha256, save_json, save_tensors
 from minisd.course import progress as progress_bar
+from minisd.data import load_mnist
+from minisd.latent import crop_images, encode_images
 from minisd.metrics import (
     SampleReport,
+    accuracy,
     evaluate_samples,
     load_classifier,
     real_baseline,
@@ -29,6 +33,7 @@ from minisd.metrics import (
 )
 from minisd.pretrained import DiffusionModel
 from minisd.sampling import SamplerConfig
+from minisd.vae import AutoencoderKL, psnr
 
 
 def generate(
@@ -60,6 +65,48 @@ def generate(
         c = cond if cond is None or torch.as_tensor(cond).ndim == 0 else cond[start : start + b]
         out.append(model.sample(x_T, config, cond=c, generator=generator).cpu())
     return torch.cat(out)
+
+
+# ----- the autoencoder ------------------------------------------------------------------------
+# The bar a shipped MNIST autoencoder must meet on the 10k test digits.
+PSNR_BAR, ACCURACY_BAR = 26.0, 0.985
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """decode(mode(encode(x))) for MNIST-sized images, padded and cropped as the model needs."""
+    side = images.shape[-1]
+    latents = encode_images(vae, images, batch_size, scaled=False)
+    out = [
+        crop_images(vae.decode(z.to(next(vae.parameters()).device)), side).cpu()
+        for z in latents.split(batch_size)
+    ]
+    return torch.cat(out).clamp(-1, 1)
+
+
+def evaluate_autoencoder(vae: AutoencoderKL, n: int = 10_000) -> dict:
+    """PSNR and the classifier's accuracy on reconstructions of the first n MNIST test digits."""
+    images, labels = load_mnist(train=False, limit=n)
+    start = time.perf_counter()
+    recon = reconstruct(vae, images)
+    seconds = time.perf_counter() - start
+    classifier = load_classifier()
+    latents = encode_images(vae, images[:2000])
+    result = {
+        "n": len(images),
+        "psnr_db": psnr(recon, images),
+        "accuracy_on_reconstructions": accuracy(classifier, recon, labels),
+        "accuracy_on_originals": accuracy(classifier, images, labels),
+        "scaled_latent_std": latents.std().item(),
+        "latent_values": latents[0].numel(),
+        "pixel_values": images[0].numel(),
+        "seconds_per_image": seconds / len(images),
+    }
+    result["meets_bar"] = (
+        result["psnr_db"] >= PSNR_BAR and result["accuracy_on_reconstructions"] >= ACCURACY_BAR
+    )
+    result["bar"] = f"PSNR >= {PSNR_BAR} dB and accuracy on reconstructions >= {ACCURACY_BAR:.1%}"
+    return result
 
 
 def score(

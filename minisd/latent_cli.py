@@ -32,11 +32,9 @@ from minisd.latent import (
 from minisd.pretrained import load_autoencoder, save_autoencoder, write_metrics, write_sidecar
 from minisd.summary import count_parameters
 from minisd.train import TrainConfig, fit
-from minisd.vae import AutoencoderKL, psnr, vae_loss_fn
+from minisd.vae import AutoencoderKL, vae_loss_fn
 
 VAE_PRESETS = ("TINY", "MNIST_F4", "MNIST_F8")
-# The bar a shipped MNIST autoencoder must meet on the 10k test digits.
-PSNR_BAR, ACCURACY_BAR = 26.0, 0.985
 
 
 def cmd_train_vae(args: argparse.Namespace) -> None:
@@ -107,46 +105,9 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
         print(f"scale factor {factor:.4f}; exported {export} and its .json")
 
 
-@torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """decode(mode(encode(x))) for MNIST-sized images, padded and cropped as the model needs."""
-    side = images.shape[-1]
-    latents = encode_images(vae, images, batch_size, scaled=False)
-    out = [
-        crop_images(vae.decode(z.to(next(vae.parameters()).device)), side).cpu()
-        for z in latents.split(batch_size)
-    ]
-    return torch.cat(out).clamp(-1, 1)
-
-
-def evaluate_autoencoder(vae: AutoencoderKL, n: int = 10_000) -> dict:
-    """PSNR and the classifier's accuracy on reconstructions of the first n MNIST test digits."""
-    from minisd.metrics import accuracy, load_classifier
-
-    images, labels = load_mnist(train=False, limit=n)
-    start = time.perf_counter()
-    recon = reconstruct(vae, images)
-    seconds = time.perf_counter() - start
-    classifier = load_classifier()
-    latents = encode_images(vae, images[:2000])
-    result = {
-        "n": len(images),
-        "psnr_db": psnr(recon, images),
-        "accuracy_on_reconstructions": accuracy(classifier, recon, labels),
-        "accuracy_on_originals": accuracy(classifier, images, labels),
-        "scaled_latent_std": latents.std().item(),
-        "latent_values": latents[0].numel(),
-        "pixel_values": images[0].numel(),
-        "seconds_per_image": seconds / len(images),
-    }
-    result["meets_bar"] = (
-        result["psnr_db"] >= PSNR_BAR and result["accuracy_on_reconstructions"] >= ACCURACY_BAR
-    )
-    result["bar"] = f"PSNR >= {PSNR_BAR} dB and accuracy on reconstructions >= {ACCURACY_BAR:.1%}"
-    return result
-
-
 def cmd_evaluate_vae(args: argparse.Namespace) -> None:
+    from minisd.evaluation import evaluate_autoencoder
+
     vae = load_autoencoder(args.checkpoint, device=get_device(args.device))
     result = evaluate_autoencoder(vae, args.n)
     print(

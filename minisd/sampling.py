@@ -97,7 +97,7 @@ def _predict_x0(
     t: torch.Tensor,
     clip_x0: float | None,
 ) -> torch.Tensor:
-    x0_pred = schedule.predict_x0(x_t, eps, t)
+    x0_pred = schedule._predict_x0(x_t, eps, t)  # t is checked by the caller
     # Clipping x0 to the data range keeps early, noisy predictions from overshooting.
     return x0_pred if clip_x0 is None else x0_pred.clamp(-clip_x0, clip_x0)
 
@@ -117,7 +117,7 @@ def eps_from_v(
     """Noise from a v-prediction: sqrt(ab) v + sqrt(1 - ab) x_t (Salimans & Ho 2022, sec. 4)."""
     _check_like("v", v, x_t)
     t = schedule.check_timesteps(t, batch=x_t.shape[0])
-    ab_t = schedule.alphas_cumprod[t.cpu()]
+    ab_t = schedule.table("alphas_cumprod", x_t.device)[t.to(x_t.device)]
     return _per_sample(ab_t.sqrt(), x_t) * v + _per_sample((1 - ab_t).sqrt(), x_t) * x_t
 
 
@@ -140,25 +140,36 @@ def _ddpm_step(
     variance: str,
     clip_x0: float | None,
     generator: torch.Generator | None,
+    checked: bool = False,
+    last: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDPM step; returns (x_{t-1}, x0_pred)."""
-    _check_choice("variance", variance, VARIANCES)
-    _check_clip(clip_x0)
-    _check_like("eps", eps, x_t)
-    t = schedule.check_timesteps(t, batch=x_t.shape[0])
+    """One DDPM step; returns (x_{t-1}, x0_pred).
+
+    checked: the arguments were checked already (once per sampling call, by the sampler), so no
+    check and no host sync runs here; `last` then says whether t is 0 for the whole batch.
+    """
+    if not checked:
+        _check_choice("variance", variance, VARIANCES)
+        _check_clip(clip_x0)
+        _check_like("eps", eps, x_t)
+        t = schedule.check_timesteps(t, batch=x_t.shape[0])
+    t = t.to(x_t.device)
     x0_pred = _predict_x0(schedule, x_t, eps, t, clip_x0)
-    mean, _ = schedule.posterior_mean_variance(x0_pred, x_t, t)  # DDPM eq. 7
-    t_cpu = t.cpu()
-    if not (t_cpu > 0).any():
+    mean = schedule._posterior_mean(x0_pred, x_t, t)  # DDPM eq. 7
+    if last is None:
+        last = not bool((t > 0).any())
+    if last:
         return mean, x0_pred  # the last step (t = 0) adds no noise
     if variance == "fixed_small":  # sigma_t^2 = beta-tilde_t, the posterior's own variance
-        var_t = schedule.posterior_variance[t_cpu].clamp(min=MIN_POSTERIOR_VARIANCE)
+        var_t = schedule.table("posterior_variance", x_t.device)[t]
+        var_t = var_t.clamp(min=MIN_POSTERIOR_VARIANCE)
     else:  # "fixed_large": sigma_t^2 = beta_t, the upper bound (DDPM sec. 3.2)
-        var_t = schedule.betas[t_cpu]
-    sigma = var_t.sqrt() * (t_cpu > 0)
+        var_t = schedule.table("betas", x_t.device)[t]
+    sigma = var_t.sqrt() * (t > 0)
     if noise is None:
         noise = _randn_like(x_t, generator)
-    _check_like("noise", noise, x_t)
+    if not checked:
+        _check_like("noise", noise, x_t)
     return mean + _per_sample(sigma, x_t) * noise, x0_pred
 
 
@@ -238,7 +249,9 @@ def sample_ddpm(
     for i, t in enumerate(progress_bar(ts, progress, desc="DDPM")):
         eps, t_batch = _call_eps_fn(eps_fn, x, t)
         noise = _randn_like(x, generator) if t > 0 else None
-        x_prev, x0_pred = _ddpm_step(schedule, x, eps, t_batch, noise, variance, clip_x0, None)
+        x_prev, x0_pred = _ddpm_step(
+            schedule, x, eps, t_batch, noise, variance, clip_x0, None, checked=True, last=t == 0
+        )
         if callback is not None:
             callback({"i": i, "t": t, "x_t": x, "x0_pred": x0_pred, "eps": eps, "x_prev": x_prev})
         x = x_prev
@@ -295,24 +308,32 @@ def _ddim_step(
     clip_x0: float | None,
     final_alpha_cumprod: float | None,
     generator: torch.Generator | None,
+    checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step; returns (x_{t_prev}, x0_pred)."""
-    _check_eta(eta)
-    _check_clip(clip_x0)
-    _check_final_alpha_cumprod(final_alpha_cumprod)
-    _check_like("eps", eps, x_t)
-    t = schedule.check_timesteps(t, batch=x_t.shape[0])
-    t_prev = torch.as_tensor(t_prev).to(t.device)
-    if t_prev.is_floating_point() or t_prev.shape not in ((), t.shape) or (t_prev >= t).any():
-        raise ValueError(
-            f"t_prev must be an integer scalar or shape {tuple(t.shape)} below t (a step towards "
-            f"less noise; negative for the final step), got {t_prev.tolist()} for t={t.tolist()}"
-        )
-    t_cpu, t_prev_cpu = t.cpu(), t_prev.cpu().long()
-    ab = schedule.alphas_cumprod
-    final = ab[0] if final_alpha_cumprod is None else torch.tensor(final_alpha_cumprod).double()
-    ab_t = ab[t_cpu]
-    ab_prev = torch.where(t_prev_cpu >= 0, ab[t_prev_cpu.clamp(min=0)], final)
+    """One DDIM step; returns (x_{t_prev}, x0_pred). checked: as for `_ddpm_step`."""
+    if not checked:
+        _check_eta(eta)
+        _check_clip(clip_x0)
+        _check_final_alpha_cumprod(final_alpha_cumprod)
+        _check_like("eps", eps, x_t)
+        t = schedule.check_timesteps(t, batch=x_t.shape[0])
+        t_prev = torch.as_tensor(t_prev).to(t.device)
+        if t_prev.is_floating_point() or t_prev.shape not in ((), t.shape) or (t_prev >= t).any():
+            raise ValueError(
+                f"t_prev must be an integer scalar or shape {tuple(t.shape)} below t (a step "
+                f"towards less noise; negative for the final step), got {t_prev.tolist()} for "
+                f"t={t.tolist()}"
+            )
+    device = x_t.device
+    t, t_prev = t.to(device), t_prev.to(device).long()
+    ab = schedule.table("alphas_cumprod", device)
+    final = (
+        ab[0]
+        if final_alpha_cumprod is None
+        else torch.tensor(final_alpha_cumprod, dtype=ab.dtype, device=device)
+    )
+    ab_t = ab[t]
+    ab_prev = torch.where(t_prev >= 0, ab[t_prev.clamp(min=0)], final)
     # DDIM eq. 16: eta = 1 gives the DDPM posterior variance between t and t_prev.
     sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
     x0_pred = _predict_x0(schedule, x_t, eps, t, clip_x0)
@@ -323,7 +344,8 @@ def _ddim_step(
     if eta > 0:
         if noise is None:
             noise = _randn_like(x_t, generator)
-        _check_like("noise", noise, x_t)
+        if not checked:
+            _check_like("noise", noise, x_t)
         x_prev = x_prev + _per_sample(sigma, x_t) * noise
     return x_prev, x0_pred
 
@@ -372,13 +394,17 @@ def sample_ddim(
     _check_final_alpha_cumprod(final_alpha_cumprod)
     ts = _check_sequence(schedule, timesteps)
     x = x_T
-    steps = list(zip(ts, ts[1:] + [-1], strict=True))
+    t_prevs = ts[1:] + [-1]
+    # checked once here; the steps' targets live on the sampling device (no copy per step)
+    t_prevs_on_device = torch.tensor(t_prevs, device=x.device)
+    steps = list(zip(ts, t_prevs, strict=True))
     for i, (t, t_prev) in enumerate(progress_bar(steps, progress, desc="DDIM")):
         eps, t_batch = _call_eps_fn(eps_fn, x, t)
         noise = _randn_like(x, generator) if eta > 0 else None
         x_prev, x0_pred = _ddim_step(
-            schedule, x, eps, t_batch, t_prev, eta, noise, clip_x0, final_alpha_cumprod, None
-        )
+            schedule, x, eps, t_batch, t_prevs_on_device[i], eta, noise, clip_x0,
+            final_alpha_cumprod, None, checked=True,
+        )  # fmt: skip
         if callback is not None:
             callback(
                 {

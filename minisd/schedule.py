@@ -184,6 +184,19 @@ class NoiseSchedule:
         self.posterior_mean_coef2 = (
             (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
         )
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def table(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A table (e.g. "alphas_cumprod") on `device`, copied there once and kept: float64, or
+        float32 where the device has no float64 (Apple's MPS)."""
+        device = torch.device(device)
+        key = (name, device)
+        if key not in self._on_device:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._on_device[key] = getattr(self, name).to(device=device, dtype=dtype)
+        return self._on_device[key]
 
     @property
     def num_timesteps(self) -> int:
@@ -220,9 +233,9 @@ class NoiseSchedule:
             raise ValueError(f"timesteps must be a scalar or 1-D, got shape {tuple(t.shape)}")
         return t
 
-    def _gather(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """table[t] shaped (B, 1, 1, ...) to broadcast over `like`, in its dtype and device."""
-        values = table.to(like.device)[t.to(like.device)]
+        values = self.table(name, like.device)[t.to(like.device)]
         return values.to(like.dtype).reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
     # ----- the forward process -----------------------------------------------------------
@@ -247,8 +260,8 @@ class NoiseSchedule:
         if x0.ndim < 1:
             raise ValueError("x0 must have a batch dimension")
         t = self.check_timesteps(t, batch=x0.shape[0])
-        sqrt_ab = self._gather(self.alphas_cumprod.sqrt(), t, x0)
-        sqrt_one_minus_ab = self._gather((1 - self.alphas_cumprod).sqrt(), t, x0)
+        sqrt_ab = self._gather("sqrt_alphas_cumprod", t, x0)
+        sqrt_one_minus_ab = self._gather("sqrt_one_minus_alphas_cumprod", t, x0)
         return sqrt_ab * x0 + sqrt_one_minus_ab * noise
 
     def add_noise_step(
@@ -261,7 +274,7 @@ class NoiseSchedule:
                 f"got {tuple(noise.shape)}"
             )
         t = self.check_timesteps(t, batch=x_prev.shape[0])
-        beta = self._gather(self.betas, t, x_prev)
+        beta = self._gather("betas", t, x_prev)
         return (1 - beta).sqrt() * x_prev + beta.sqrt() * noise
 
     def velocity(
@@ -273,8 +286,8 @@ class NoiseSchedule:
                 f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}"
             )
         t = self.check_timesteps(t, batch=x0.shape[0])
-        sqrt_ab = self._gather(self.alphas_cumprod.sqrt(), t, x0)
-        sqrt_one_minus_ab = self._gather((1 - self.alphas_cumprod).sqrt(), t, x0)
+        sqrt_ab = self._gather("sqrt_alphas_cumprod", t, x0)
+        sqrt_one_minus_ab = self._gather("sqrt_one_minus_alphas_cumprod", t, x0)
         return sqrt_ab * noise - sqrt_one_minus_ab * x0
 
     # ----- what the reverse process needs ------------------------------------------------
@@ -282,9 +295,12 @@ class NoiseSchedule:
         self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int
     ) -> torch.Tensor:
         """Invert eq. 4 for x_0 given a noise estimate: (x_t - sqrt(1 - ab) eps) / sqrt(ab)."""
-        t = self.check_timesteps(t, batch=x_t.shape[0])
-        sqrt_ab = self._gather(self.alphas_cumprod.sqrt(), t, x_t)
-        sqrt_one_minus_ab = self._gather((1 - self.alphas_cumprod).sqrt(), t, x_t)
+        return self._predict_x0(x_t, eps, self.check_timesteps(t, batch=x_t.shape[0]))
+
+    def _predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """predict_x0 for a t already checked (the samplers check theirs once per call)."""
+        sqrt_ab = self._gather("sqrt_alphas_cumprod", t, x_t)
+        sqrt_one_minus_ab = self._gather("sqrt_one_minus_alphas_cumprod", t, x_t)
         return (x_t - sqrt_one_minus_ab * eps) / sqrt_ab
 
     def posterior_mean_variance(
@@ -294,8 +310,11 @@ class NoiseSchedule:
         if x0.shape != x_t.shape:
             raise ValueError(f"x0 {tuple(x0.shape)} and x_t {tuple(x_t.shape)} must have one shape")
         t = self.check_timesteps(t, batch=x_t.shape[0])
-        mean = (
-            self._gather(self.posterior_mean_coef1, t, x_t) * x0
-            + self._gather(self.posterior_mean_coef2, t, x_t) * x_t
+        return self._posterior_mean(x0, x_t, t), self._gather("posterior_variance", t, x_t)
+
+    def _posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The mean of q(x_{t-1} | x_t, x_0) for a t already checked."""
+        return (
+            self._gather("posterior_mean_coef1", t, x_t) * x0
+            + self._gather("posterior_mean_coef2", t, x_t) * x_t
         )
-        return mean, self._gather(self.posterior_variance, t, x_t)

@@ -26,11 +26,10 @@ from torch import nn
 
 from minisd.checkpoint import load_tensors, save_tensors
 from minisd.conditioning import Conditioner, conditioner_for
-from minisd.course import get_device
+from minisd.course import LossFn, get_device
 from minisd.course import progress as progress_bar
 from minisd.schedule import NoiseSchedule
 
-LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Generator], torch.Tensor]
 CHECKPOINT_NAME = "checkpoint.safetensors"
 PREDICTIONS = ("eps", "v")
 # Mixing constants so (seed, step) pairs never share a random stream.

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisd.attention import SpatialTransformer, check_context
+from minisd.blocks import Upsample
 
 # ldm passes t through sin/cos features of period up to 10000 (Vaswani et al. 2017).
 MAX_PERIOD = 10_000
@@ -214,17 +215,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)  # (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    """Double height and width: nearest-neighbour, then a 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
 class TimestepEmbedSequential(nn.Sequential):

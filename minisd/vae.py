@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisd.train import LossFn
-from minisd.unet import Upsample  # nearest x2 + 3x3 conv `conv`: the same module in both
+from minisd.blocks import Upsample  # nearest x2 + 3x3 conv `conv`: the same module in both
+from minisd.course import LossFn
 
 # ldm's Normalize(): GroupNorm with eps=1e-6 everywhere in the autoencoder.
 NORM_EPS = 1e-6

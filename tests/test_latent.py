@@ -176,7 +176,7 @@ def test_training_flops_count_multiply_adds_twice_forward_and_backward():
 
 def test_command_line_vae_then_latent_diffusion(tmp_path, monkeypatch):
     from minisd import __main__ as cli
-    from minisd import latent_cli
+    from minisd import evaluation, latent_cli
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(32, 1, 28, 28, generator=g) * 2 - 1
@@ -185,6 +185,7 @@ def test_command_line_vae_then_latent_diffusion(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "load_dataset", fake)
     monkeypatch.setattr(latent_cli, "load_dataset", fake)
     monkeypatch.setattr(latent_cli, "load_mnist", lambda train, limit: (x[:limit], y[:limit]))
+    monkeypatch.setattr(evaluation, "load_mnist", lambda train, limit: (x[:limit], y[:limit]))
     vae_path, ldm_path = tmp_path / "vae.safetensors", tmp_path / "ldm.safetensors"
     common = ["--limit", "16", "--batch-size", "8", "--steps", "2"]
     cli.main(

@@ -551,3 +551,23 @@ def test_timesteps_are_checked_once_per_call():
     ):
         with pytest.raises(ValueError, match=match):
             SamplerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_sampling_call_checks_its_timesteps_once(sampler, monkeypatch):
+    schedule = NoiseSchedule("linear", num_timesteps=10)
+    calls = []
+    real = NoiseSchedule.check_timesteps
+    monkeypatch.setattr(
+        NoiseSchedule,
+        "check_timesteps",
+        lambda self, *a, **k: calls.append(1) or real(self, *a, **k),
+    )
+    x = torch.zeros(SHAPE)
+    timesteps = ddpm_timesteps(10) if sampler == "ddpm" else ddim_timesteps(10, 5)
+    SAMPLERS[sampler](lambda x, t: 0.1 * x, x, schedule, timesteps)
+    assert len(calls) == 1  # the sequence, once; not again in every step
+    # and the tables the steps read were copied to the device once, in float64 on the CPU
+    table = schedule.table("alphas_cumprod", "cpu")
+    assert table is schedule.table("alphas_cumprod", torch.device("cpu"))
+    assert table.dtype == torch.float64 and torch.equal(table, schedule.alphas_cumprod)

@@ -128,7 +128,7 @@ def test_shipped_ddpm_sidecar_records_a_measurement_against_the_bar():
     ids=["f4", "f8"],
 )
 def test_shipped_autoencoder_sidecar_meets_its_bar(checkpoint, latent_shape):
-    from minisd.latent_cli import ACCURACY_BAR, PSNR_BAR
+    from minisd.evaluation import ACCURACY_BAR, PSNR_BAR
 
     if not checkpoint.is_file():
         pytest.skip(f"no {checkpoint.name}")
