@@ -86,3 +86,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a file, streamed: ties a sidecar to the exact bytes it describes."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_sidecar(weights: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
+    """Write the JSON sidecar beside a weights file, tied to its bytes by their SHA-256."""
+    weights = Path(weights)
+    return save_json(
+        weights.with_suffix(".json"), {**sidecar, "weights_sha256": file_sha256(weights)}
+    )

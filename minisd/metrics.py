@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisd.checkpoint import file_sha256, load_tensors, save_json, save_tensors
+from minisd.checkpoint import file_sha256, load_tensors, save_tensors, write_sidecar
 from minisd.course import hardware, seed_everything
 from minisd.data import REPO_DATA, load_mnist
 from minisd.summary import count_parameters
@@ -432,8 +432,8 @@ def train_classifier(
         out_path = Path(out_path)
         state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
         save_tensors(out_path, state, {"config": asdict(config), "test_accuracy": test_accuracy})
-        info["weights_sha256"] = file_sha256(out_path)  # ties the sidecar to these bytes
-        save_json(out_path.with_suffix(".json"), info)
+        write_sidecar(out_path, info)  # with the SHA-256 that ties it to these bytes
+        info["weights_sha256"] = file_sha256(out_path)
     return model, info
 
 

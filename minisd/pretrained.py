@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from minisd.checkpoint import file_sha256, load_json, load_tensors, save_json, save_tensors
+from minisd.checkpoint import file_sha256, load_json, load_tensors, save_tensors, write_sidecar
 from minisd.conditioning import Conditioner, conditioner_for
 from minisd.sampling import Callback, EpsFn, SamplerConfig, v_to_eps_fn
 from minisd.schedule import NoiseSchedule
@@ -199,14 +199,6 @@ def _open(path: str | os.PathLike, fmt: str, what: str, command: str) -> tuple[d
     sidecar = path.with_suffix(".json")
     meta["sidecar"] = load_json(sidecar) if sidecar.is_file() else {}
     return tensors, meta
-
-
-def write_sidecar(weights: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
-    """Write the JSON sidecar beside a weights file, tied to its bytes by their SHA-256."""
-    weights = Path(weights)
-    return save_json(
-        weights.with_suffix(".json"), {**sidecar, "weights_sha256": file_sha256(weights)}
-    )
 
 
 def write_metrics(weights: str | os.PathLike, metrics: dict[str, Any], weights_sha256: str) -> Path:
