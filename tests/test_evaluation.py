@@ -92,8 +92,7 @@ def test_score_reports_samples_and_baseline_at_the_same_n():
 
 @needs_mnist
 def test_evaluate_and_compare_samplers_commands(tmp_path, monkeypatch):
-    from minisd import __main__ as cli
-    from minisd import metrics
+    from minisd import cli, metrics
     from minisd.checkpoint import load_json, load_tensors, save_json
     from minisd.pretrained import save_diffusion
 

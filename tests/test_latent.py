@@ -175,14 +175,15 @@ def test_training_flops_count_multiply_adds_twice_forward_and_backward():
 
 
 def test_command_line_vae_then_latent_diffusion(tmp_path, monkeypatch):
-    from minisd import __main__ as cli
-    from minisd import evaluation, latent_cli
+    from minisd import cli, evaluation
+    from minisd.cli import autoencoder as latent_cli
+    from minisd.cli import diffusion as cli_diffusion
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(32, 1, 28, 28, generator=g) * 2 - 1
     y = torch.randint(0, 10, (32,), generator=g)
     fake = lambda name, train, limit: (x[:limit], y[:limit])  # noqa: E731
-    monkeypatch.setattr(cli, "load_dataset", fake)
+    monkeypatch.setattr(cli_diffusion, "load_dataset", fake)
     monkeypatch.setattr(latent_cli, "load_dataset", fake)
     monkeypatch.setattr(latent_cli, "load_mnist", lambda train, limit: (x[:limit], y[:limit]))
     monkeypatch.setattr(evaluation, "load_mnist", lambda train, limit: (x[:limit], y[:limit]))
@@ -223,8 +224,8 @@ def test_command_line_vae_then_latent_diffusion(tmp_path, monkeypatch):
 
 
 def test_latent_vs_pixel_trains_every_space_for_equal_time(tmp_path, monkeypatch):
-    from minisd import __main__ as cli
-    from minisd import latent_cli, metrics
+    from minisd import cli, metrics
+    from minisd.cli import autoencoder as latent_cli
     from minisd.metrics import MnistClassifier, classify, evaluate_samples
     from minisd.pretrained import save_autoencoder
 
@@ -267,7 +268,7 @@ def test_latent_vs_pixel_trains_every_space_for_equal_time(tmp_path, monkeypatch
 )
 def test_the_sample_command_draws_what_generate_draws(tmp_path, space, sampler, steps, eta):
     """One way into sampling: the command line and evaluation give the same images."""
-    from minisd import __main__ as cli
+    from minisd import cli
     from minisd.evaluation import generate
 
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ from helpers import randomize
 from torch import nn
 
 from minisd import train
-from minisd.cli import portable_command
 from minisd.pretrained import load_diffusion, save_diffusion
+from minisd.provenance import portable_command
 from minisd.schedule import NoiseSchedule
 from minisd.train import TrainConfig, diffusion_loss_fn, fit
 from minisd.unet import TINY, UNetModel
@@ -419,12 +419,14 @@ def test_pretrained_errors(tmp_path):
 
 
 def test_command_line_train_resume_export_sample(tmp_path, monkeypatch):
-    from minisd import __main__ as cli
-    from minisd import data
+    from minisd import cli, data
+    from minisd.cli import diffusion as cli_diffusion
 
     x, y = toy_data(64)
     x = torch.nn.functional.pad(x, (10, 10, 10, 10), value=-1.0)  # 28x28 like MNIST
-    monkeypatch.setattr(cli, "load_dataset", lambda name, train, limit: (x[:limit], y[:limit]))
+    monkeypatch.setattr(
+        cli_diffusion, "load_dataset", lambda name, train, limit: (x[:limit], y[:limit])
+    )
     assert data.LOADERS  # the real loader is tested in test_data.py
     run, out = tmp_path / "run", tmp_path / "m.safetensors"
     base = [
@@ -468,11 +470,14 @@ def test_command_line_train_resume_export_sample(tmp_path, monkeypatch):
 
 
 def test_command_line_init_from_branches_a_run_and_keeps_its_history(tmp_path, monkeypatch):
-    from minisd import __main__ as cli
+    from minisd import cli
+    from minisd.cli import diffusion as cli_diffusion
 
     x, y = toy_data(64)
     x = torch.nn.functional.pad(x, (10, 10, 10, 10), value=-1.0)
-    monkeypatch.setattr(cli, "load_dataset", lambda name, train, limit: (x[:limit], y[:limit]))
+    monkeypatch.setattr(
+        cli_diffusion, "load_dataset", lambda name, train, limit: (x[:limit], y[:limit])
+    )
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     base = ["train", "--preset", "TINY", "--limit", "32", "--batch-size", "8"]
     cli.main(base + ["--steps", "3", "--export", str(first)])

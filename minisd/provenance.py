@@ -1,4 +1,5 @@
-"""What every command line records: the command itself, and every command of a resumed run."""
+"""Provenance: what every command line records, the command itself and every command of a
+resumed run, and how a recorded command is shown without machine-specific paths."""
 
 from __future__ import annotations
 
@@ -35,12 +36,3 @@ def portable_command(command: str) -> str:
     'python -m minisd train --steps 9 --run-dir RUN_DIR --resume'
     """
     return re.sub(r"--run-dir(=|\s+)\S+", "--run-dir RUN_DIR", command)
-
-
-def add_device_and_seed(parser: argparse.ArgumentParser, seed: bool = True) -> None:
-    """The options every command that runs a model shares: --device and (if it draws) --seed."""
-    parser.add_argument(
-        "--device", default=None, help="cuda, mps or cpu (default: the best one available)"
-    )
-    if seed:
-        parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")

@@ -1,4 +1,4 @@
-"""Command line for notebook 03: train and measure the autoencoder; latent vs pixel diffusion.
+"""Autoencoder commands (notebook 03): train and measure the autoencoder; latent vs pixel diffusion.
 
     python -m minisd train-vae --preset MNIST_F8 --steps 3000 --run-dir runs/vae \
         --export data/checkpoints/vae_mnist_f8.safetensors
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from minisd import vae as vae_module
-from minisd.cli import add_device_and_seed, command_line, run_commands
+from minisd.cli.options import add_device_and_seed
 from minisd.course import get_device, hardware, seed_everything
 from minisd.data import LOADERS, load_dataset, load_mnist
 from minisd.latent import (
@@ -30,6 +30,7 @@ from minisd.latent import (
     training_cost,
 )
 from minisd.pretrained import load_autoencoder, save_autoencoder, write_metrics, write_sidecar
+from minisd.provenance import command_line, run_commands
 from minisd.summary import count_parameters
 from minisd.train import TrainConfig, fit
 from minisd.vae import AutoencoderKL, vae_loss_fn

@@ -1,0 +1,36 @@
+"""The command line, `python -m minisd COMMAND`: one module per command group.
+
+    diffusion:   train, sample, evaluate, compare-samplers
+    autoencoder: train-vae, evaluate-vae, latent-vs-pixel
+
+Shared options live in `options`; what a command records about itself in `minisd.provenance`
+(re-exported here, where notebooks have imported `portable_command` from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minisd.provenance import command_line, portable_command, run_commands
+
+__all__ = ["build_parser", "command_line", "main", "portable_command", "run_commands"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minisd.cli import autoencoder, diffusion
+
+    parser = argparse.ArgumentParser(
+        prog="python -m minisd", description="minisd: Stable Diffusion built up from MNIST."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    diffusion.add_commands(sub)
+    autoencoder.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    args.func(args)

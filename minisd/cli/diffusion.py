@@ -1,0 +1,310 @@
+"""Diffusion commands: train a U-Net, sample it, evaluate it, compare samplers.
+
+    python -m minisd train --dataset mnist --preset MNIST --steps 20000 --run-dir runs/ddpm \
+        --export data/checkpoints/ddpm_mnist.safetensors
+    python -m minisd sample --checkpoint data/checkpoints/ddpm_mnist.safetensors --out grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from minisd import unet as unet_module
+from minisd.cli.options import add_device_and_seed
+from minisd.course import get_device, hardware
+from minisd.data import LOADERS, load_dataset
+from minisd.latent import cached_latents, encode_images
+from minisd.pretrained import load_autoencoder, load_diffusion, save_diffusion, write_sidecar
+from minisd.provenance import command_line, run_commands
+from minisd.sampling import SAMPLERS, VARIANCES
+from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
+from minisd.summary import count_parameters
+from minisd.train import PREDICTIONS, TrainConfig, diffusion_loss_fn, fit
+
+PRESETS = ("TINY", "MNIST", "CIFAR")
+
+
+def _unet_config(args: argparse.Namespace, in_channels: int) -> unet_module.UNetConfig:
+    cfg = getattr(unet_module, args.preset)
+    changes: dict[str, object] = {"in_channels": in_channels, "out_channels": in_channels}
+    if args.attention_resolutions is not None:
+        changes["attention_resolutions"] = tuple(args.attention_resolutions)
+    if args.class_cond:
+        changes["num_classes"] = 10
+    return dataclasses.replace(cfg, **changes)
+
+
+def _init_from(args: argparse.Namespace, model: torch.nn.Module, schedule: NoiseSchedule) -> dict:
+    """Start from an exported model's weights (e.g. to branch an lr decay off a finished run).
+
+    Returns what the exported model's sidecar says made it, so the new sidecar lists every
+    command and counts every step and second behind the weights it ships.
+    """
+    bundle = load_diffusion(args.init_from)
+    mismatch = [
+        f"{what}: {theirs} vs {ours}"
+        for what, theirs, ours in (
+            ("unet_config", bundle.unet.config, model.config),
+            (
+                "schedule",
+                (bundle.schedule.kind, bundle.schedule.num_timesteps),
+                (schedule.kind, schedule.num_timesteps),
+            ),
+            ("prediction", bundle.prediction, args.prediction),
+            ("latent model", bundle.is_latent, bool(args.latent_vae)),
+        )
+        if theirs != ours
+    ]
+    if mismatch:
+        raise ValueError(
+            f"--init-from {args.init_from} was trained with other settings ("
+            + "; ".join(mismatch)
+            + "); pass the --preset/--schedule/--prediction flags it was trained with"
+        )
+    model.load_state_dict(bundle.unet.state_dict())
+    sidecar = bundle.metadata["sidecar"]
+    print(f"starting from the weights of {args.init_from} ({sidecar.get('steps', '?')} steps)")
+    return {
+        "checkpoint": str(args.init_from),
+        "commands": sidecar.get("commands", []),
+        "steps": sidecar.get("steps", 0),
+        "seconds": sidecar.get("seconds", 0),
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    images, labels = load_dataset(args.dataset, train=True, limit=args.limit)
+    vae, samples = None, images
+    if args.latent_vae:  # latent diffusion: encode the dataset once, train on scaled latents
+        vae = load_autoencoder(args.latent_vae, device=get_device(args.device))
+        cache = Path(args.run_dir) / "latents.safetensors" if args.run_dir else None
+        samples = cached_latents(vae, images, cache) if cache else encode_images(vae, images)
+        print(f"training on latents {tuple(samples.shape[1:])} of {args.latent_vae}")
+    cfg = _unet_config(args, samples.shape[1])
+    model = unet_module.UNetModel(cfg)
+    schedule = NoiseSchedule(args.schedule, args.timesteps)
+    init = _init_from(args, model, schedule) if args.init_from else None
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        decay_steps=args.decay_steps,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    loss_fn = diffusion_loss_fn(
+        schedule,
+        args.prediction,
+        args.class_dropout if args.class_cond else 0.0,
+        args.min_snr_gamma,
+    )
+    data = (samples, labels) if args.class_cond else (samples,)
+    n_params = count_parameters(model)
+    commands = run_commands(args)
+    print(
+        f"training a {n_params / 1e6:.2f}M-parameter U-Net on {len(images)} {args.dataset} images"
+    )
+    result = fit(
+        model, loss_fn, data, config, args.run_dir, args.resume, device=get_device(args.device)
+    )
+    print(
+        f"done: {result.step} steps, {result.seconds:.0f} s, "
+        f"last loss {result.history[-1]['loss']:.4f}"
+    )
+    if args.export:
+        export = Path(args.export)
+        image_size = images.shape[-1] if vae is not None else None
+        save_diffusion(
+            export, result.sampling_model, schedule, args.prediction, vae=vae, image_size=image_size
+        )
+        sidecar = {
+            "commands": (init["commands"] if init else []) + commands,
+            "unet_config": dataclasses.asdict(cfg),
+            "parameters": n_params,
+            "train_config": dataclasses.asdict(config),
+            "schedule": {"kind": args.schedule, "num_timesteps": args.timesteps},
+            "prediction": args.prediction,
+            "min_snr_gamma": args.min_snr_gamma,
+            "dataset": args.dataset,
+            "latent_vae": args.latent_vae,
+            "steps": result.step + (init["steps"] if init else 0),
+            "seconds": round(result.seconds) + (init["seconds"] if init else 0),
+            "init_from": init and {k: init[k] for k in ("checkpoint", "steps", "seconds")},
+            "hardware": hardware(),
+            "final_loss": round(result.history[-1]["loss"], 5),
+            "weights": "EMA" if result.ema is not None else "raw",
+        }
+        write_sidecar(export, sidecar)
+        print(f"exported {export} and {export.with_suffix('.json').name}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minisd.evaluation import generate
+    from minisd.plotting import show_images
+
+    model = load_diffusion(args.checkpoint, device=get_device(args.device))
+    steps = model.schedule.num_timesteps if args.sampler == "ddpm" else args.steps
+    config = model.sampler_config(args.sampler, steps, eta=args.eta, variance=args.variance)
+    if args.label is not None and model.conditioner is None:
+        raise ValueError(f"--label: {args.checkpoint} is not class-conditional; leave it out")
+    print(f"sampling {args.n} images with {config.name}")
+    images = generate(model, args.n, config, args.seed, image_size=args.size, progress=True,
+                      cond=args.label)  # fmt: skip
+    if args.out:
+        show_images(images, nrow=int(args.n**0.5 + 0.999), size=0.6)
+        plt.savefig(args.out, bbox_inches="tight", dpi=100)
+        print(f"wrote {args.out}")
+    if args.save_tensor:
+        torch.save(images, args.save_tensor)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from minisd.evaluation import meets_recognisability_bar, report_from_dict, score
+    from minisd.pretrained import write_metrics
+
+    model = load_diffusion(args.checkpoint, device=get_device(args.device))
+    result = score(model, args.n, model.sampler_config("ddim", args.steps), seed=args.seed)
+    report, baseline = report_from_dict(result["report"]), report_from_dict(result["baseline"])
+    print(report.table(baseline))
+    ok, why = meets_recognisability_bar(report)
+    print(f"recognisability bar: {'met' if ok else 'NOT met'}: {why}")
+    if args.write_sidecar:
+        metrics = {
+            "command": command_line(args),
+            "sampler": result["name"],
+            "seconds_per_sample": round(result["seconds_per_sample"], 4),
+            "hardware": hardware(),
+            "samples": result["report"],
+            "real_baseline": result["baseline"],
+            "meets_bar": ok,
+            "bar": why,
+        }
+        sidecar_path = write_metrics(args.checkpoint, metrics, model.metadata["weights_sha256"])
+        print(f"wrote metrics into {sidecar_path}")
+
+
+def cmd_compare_samplers(args: argparse.Namespace) -> None:
+    from minisd.evaluation import save_results, score
+    from minisd.metrics import load_classifier, reference_features
+
+    model = load_diffusion(args.checkpoint, device=get_device(args.device))
+    settings = [model.sampler_config("ddim", s) for s in args.ddim_steps]
+    if args.ddpm:
+        settings.append(model.sampler_config("ddpm", model.schedule.num_timesteps))
+    classifier = load_classifier()
+    reference = reference_features(classifier)
+    rows, grids = [], {}
+    for setting in settings:
+        result = score(
+            model, args.n, setting, args.seed, classifier=classifier, reference=reference
+        )
+        grids[setting.name] = result.pop("samples")[: args.keep]
+        rows.append(result)
+        r = result["report"]
+        print(
+            f"{setting.name:>10}: {result['seconds_per_sample'] * 1000:.0f} ms/sample, "
+            f"FID {r['mnist_fid']:.2f}, KID {r['kid_mean']:.4f}, "
+            f"confident {r['confident_fraction']:.1%} (n={args.n})"
+        )
+    results = {
+        "command": command_line(args),
+        "hardware": hardware(),
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": model.metadata["weights_sha256"],  # the bytes these rows measured
+        "n": args.n,
+        "rows": rows,
+    }
+    out, kept = save_results(args.out, results, grids)
+    print(f"wrote {out} and {kept.name}")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+
+    t = sub.add_parser(
+        "train", help="train a diffusion U-Net on pixels, or on latents with --latent-vae"
+    )
+    t.add_argument("--dataset", choices=sorted(LOADERS), default="mnist")
+    t.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    t.add_argument("--preset", choices=PRESETS, default="MNIST")
+    t.add_argument(
+        "--attention-resolutions", type=int, nargs="*", default=None, help="override the preset's"
+    )
+    t.add_argument("--class-cond", action="store_true", help="condition on labels (10 classes)")
+    t.add_argument(
+        "--latent-vae", default=None, help="autoencoder checkpoint: train on its latents"
+    )
+    t.add_argument(
+        "--class-dropout", type=float, default=0.1, help="p(label -> null) with --class-cond"
+    )
+    t.add_argument("--schedule", choices=SCHEDULE_KINDS, default="linear")
+    t.add_argument("--timesteps", type=int, default=1000)
+    t.add_argument("--prediction", choices=PREDICTIONS, default="eps")
+    t.add_argument(
+        "--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting (paper: 5)"
+    )
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--warmup", type=int, default=0)
+    t.add_argument(
+        "--decay-steps", type=int, default=0, help="lr falls linearly to 0 over the last N steps"
+    )
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--checkpoint-every", type=int, default=250)
+    t.add_argument("--run-dir", default=None, help="folder for the resumable training checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    t.add_argument(
+        "--init-from",
+        default=None,
+        help="start from an exported model's weights (fresh optimiser; its sidecar carries over)",
+    )
+    t.add_argument(
+        "--export", default=None, help="write the EMA model + JSON sidecar here at the end"
+    )
+    add_device_and_seed(t)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="sample images from a trained model")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM takes all T)")
+    s.add_argument("--eta", type=float, default=0.0)
+    s.add_argument("--variance", choices=VARIANCES, default="fixed_small", help="DDPM variance")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--size", type=int, default=28)
+    s.add_argument(
+        "--label", type=int, default=None, help="class to draw (class-conditional models)"
+    )
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--save-tensor", default=None, help="also save the samples as a .pt tensor")
+    add_device_and_seed(s)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="score DDIM samples with the MNIST classifier's metrics")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--n", type=int, default=1000)
+    e.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    e.add_argument("--write-sidecar", action="store_true", help="store the metrics in its JSON")
+    add_device_and_seed(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("compare-samplers", help="DDPM vs DDIM: time per sample and sample quality")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--n", type=int, default=200, help="samples per sampler setting")
+    c.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 20, 50, 100])
+    c.add_argument("--ddpm", action="store_true", help="also run full DDPM (slow: T steps)")
+    c.add_argument("--keep", type=int, default=16, help="samples per setting kept for display")
+    c.add_argument("--out", required=True, help="results .json (samples go beside it)")
+    add_device_and_seed(c)
+    c.set_defaults(func=cmd_compare_samplers)
