@@ -17,7 +17,8 @@ import torch
 
 from minisd.checkpoint import file_sha256, load_json, load_tensors, save_tensors, write_sidecar
 from minisd.conditioning import Conditioner, conditioner_for
-from minisd.sampling import Callback, EpsFn, SamplerConfig, v_to_eps_fn
+from minisd.diffusion import v_to_eps_fn
+from minisd.sampling import Callback, EpsFn, SamplerConfig
 from minisd.schedule import NoiseSchedule
 from minisd.unet import UNetConfig, UNetModel
 from minisd.vae import AutoencoderConfig, AutoencoderKL

@@ -109,27 +109,6 @@ def _call_eps_fn(eps_fn: EpsFn, x: torch.Tensor, t: int) -> tuple[torch.Tensor, 
     return eps, t_batch
 
 
-# ----- v-prediction ---------------------------------------------------------------------------
-@torch.no_grad()
-def eps_from_v(
-    v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule
-) -> torch.Tensor:
-    """Noise from a v-prediction: sqrt(ab) v + sqrt(1 - ab) x_t (Salimans & Ho 2022, sec. 4)."""
-    _check_like("v", v, x_t)
-    t = schedule.check_timesteps(t, batch=x_t.shape[0])
-    ab_t = schedule.table("alphas_cumprod", x_t.device)[t.to(x_t.device)]
-    return _per_sample(ab_t.sqrt(), x_t) * v + _per_sample((1 - ab_t).sqrt(), x_t) * x_t
-
-
-def v_to_eps_fn(v_fn: EpsFn, schedule: NoiseSchedule) -> EpsFn:
-    """Wrap a v-prediction model `v_fn(x, t)` as an `eps_fn(x, t)` the samplers accept."""
-
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return eps_from_v(v_fn(x, t), x, t, schedule)
-
-    return eps_fn
-
-
 # ----- DDPM -----------------------------------------------------------------------------------
 def _ddpm_step(
     schedule: NoiseSchedule,

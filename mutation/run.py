@@ -55,10 +55,8 @@ TARGETS: dict[str, tuple[str, ...] | None] = {
     "minisd/schedule.py": None,
     "minisd/sampling.py": None,
     "minisd/checkpoint.py": None,
+    "minisd/diffusion.py": None,
     "minisd/train.py": (
-        "diffusion_loss",
-        "diffusion_loss_fn",
-        "_check_gamma",
         "_lr_at",
         "update_ema",
         "batch_indices",

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from minisd.conditioning import ClassConditioner, conditioner_for
+from minisd.diffusion import diffusion_loss_fn
 from minisd.evaluation import generate
 from minisd.pretrained import DiffusionModel
 from minisd.schedule import NoiseSchedule
-from minisd.train import TrainConfig, diffusion_loss_fn, fit
+from minisd.train import TrainConfig, fit
 from minisd.unet import TINY, UNetModel
 
 CLASS_UNET = dataclasses.replace(TINY, in_channels=1, out_channels=1, num_classes=2)

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from minisd import sampling
+from minisd.diffusion import eps_from_v, v_to_eps_fn
 from minisd.sampling import (
     SAMPLERS,
     SD_V1_SAMPLER,
@@ -18,10 +19,8 @@ from minisd.sampling import (
     ddim_timesteps,
     ddpm_step,
     ddpm_timesteps,
-    eps_from_v,
     sample_ddim,
     sample_ddpm,
-    v_to_eps_fn,
 )
 from minisd.schedule import DIFFUSERS_NAMES, NoiseSchedule
 

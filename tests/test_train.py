@@ -9,11 +9,12 @@ import torch
 from helpers import randomize
 from torch import nn
 
-from minisd import train
+from minisd import diffusion, train
+from minisd.diffusion import diffusion_loss_fn
 from minisd.pretrained import load_diffusion, save_diffusion
 from minisd.provenance import portable_command
 from minisd.schedule import NoiseSchedule
-from minisd.train import TrainConfig, diffusion_loss_fn, fit
+from minisd.train import TrainConfig, fit
 from minisd.unet import TINY, UNetModel
 
 TINY1 = dataclasses.replace(TINY, in_channels=1, out_channels=1)
@@ -37,7 +38,9 @@ def test_loss_falls_on_a_fixed_batch():
 
     def held_out_loss():  # the same t and noise before and after, so only the model changes
         with torch.no_grad():
-            return train.diffusion_loss(model, SCHED, x, torch.Generator().manual_seed(123)).item()
+            return diffusion.diffusion_loss(
+                model, SCHED, x, torch.Generator().manual_seed(123)
+            ).item()
 
     before = held_out_loss()
     cfg = TrainConfig(steps=60, batch_size=16, lr=3e-3, ema_decay=None, log_every=20)
@@ -335,7 +338,7 @@ def test_diffusion_loss_is_the_objective_written_out(prediction, gamma):
     x0 = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         gen = torch.Generator().manual_seed(3)
-        got = train.diffusion_loss(model, SCHED, x0, gen, prediction, min_snr_gamma=gamma)
+        got = diffusion.diffusion_loss(model, SCHED, x0, gen, prediction, min_snr_gamma=gamma)
         want, t = _by_hand(model, x0, 3, prediction, gamma)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
         # the test can tell the targets apart: the other one gives another loss
@@ -344,7 +347,7 @@ def test_diffusion_loss_is_the_objective_written_out(prediction, gamma):
     snr = SCHED.snr(t)
     assert (snr > 5).any() and (snr < 5).any()  # both branches of the min are exercised
     with pytest.raises(ValueError, match="eps"):
-        train.diffusion_loss(model, SCHED, x0, torch.Generator(), "x0")
+        diffusion.diffusion_loss(model, SCHED, x0, torch.Generator(), "x0")
 
 
 def test_class_dropout_replaces_labels_with_the_null_class():
@@ -403,7 +406,7 @@ def test_pretrained_round_trip(tmp_path, prediction):
     if prediction == "eps":
         torch.testing.assert_close(eps, bundle.unet(x, t))
     else:
-        from minisd.sampling import eps_from_v
+        from minisd.diffusion import eps_from_v
 
         torch.testing.assert_close(eps, eps_from_v(bundle.unet(x, t), x, t, bundle.schedule))
 
@@ -498,8 +501,8 @@ def test_min_snr_gamma_must_be_positive():
     randomize(model)
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
     with torch.no_grad():  # a gamma above every SNR weights every step 1 for eps: the plain loss
-        plain = train.diffusion_loss(model, SCHED, x0, torch.Generator().manual_seed(3))
-        huge = train.diffusion_loss(
+        plain = diffusion.diffusion_loss(model, SCHED, x0, torch.Generator().manual_seed(3))
+        huge = diffusion.diffusion_loss(
             model, SCHED, x0, torch.Generator().manual_seed(3), min_snr_gamma=1e12
         )
     torch.testing.assert_close(huge, plain)
@@ -593,13 +596,13 @@ def test_loss_fn_passes_min_snr_and_dropout_draws_through_its_generator():
         via_fn = diffusion_loss_fn(SCHED, min_snr_gamma=0.5)(
             model, (x0,), torch.Generator().manual_seed(3)
         )
-        direct = train.diffusion_loss(
+        direct = diffusion.diffusion_loss(
             model, SCHED, x0, torch.Generator().manual_seed(3), min_snr_gamma=0.5
         )
-        plain = train.diffusion_loss(model, SCHED, x0, torch.Generator().manual_seed(3))
+        plain = diffusion.diffusion_loss(model, SCHED, x0, torch.Generator().manual_seed(3))
     assert via_fn.item() == direct.item() and abs(direct - plain) > 0.05 * plain
     with pytest.raises(ValueError, match="min_snr_gamma"):
-        train.diffusion_loss(model, SCHED, x0, torch.Generator(), min_snr_gamma=0.0)
+        diffusion.diffusion_loss(model, SCHED, x0, torch.Generator(), min_snr_gamma=0.0)
 
     # labels are dropped by the generator fit hands over, whatever the global RNG holds
     x, y = toy_data(200)

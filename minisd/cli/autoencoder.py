@@ -150,11 +150,11 @@ def _spaces(vae: AutoencoderKL, images: torch.Tensor, spaces: list[str]) -> dict
 def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
     """Same U-Net widths, same training time: one model per space (pixels, latents, ...)."""
     from minisd import unet as unet_module
+    from minisd.diffusion import diffusion_loss_fn
     from minisd.evaluation import generate, save_results
     from minisd.metrics import evaluate_samples, load_classifier, real_baseline, reference_features
     from minisd.pretrained import DiffusionModel
     from minisd.schedule import NoiseSchedule
-    from minisd.train import diffusion_loss_fn
 
     if len(set(args.spaces)) != len(args.spaces):
         raise ValueError(f"--spaces lists a space twice: {args.spaces}")

@@ -17,13 +17,14 @@ from minisd import unet as unet_module
 from minisd.cli.options import add_device_and_seed
 from minisd.course import get_device, hardware
 from minisd.data import LOADERS, load_dataset
+from minisd.diffusion import PREDICTIONS, diffusion_loss_fn
 from minisd.latent import cached_latents, encode_images
 from minisd.pretrained import load_autoencoder, load_diffusion, save_diffusion, write_sidecar
 from minisd.provenance import command_line, run_commands
 from minisd.sampling import SAMPLERS, VARIANCES
 from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
 from minisd.summary import count_parameters
-from minisd.train import PREDICTIONS, TrainConfig, diffusion_loss_fn, fit
+from minisd.train import TrainConfig, fit
 
 PRESETS = ("TINY", "MNIST", "CIFAR")
 
