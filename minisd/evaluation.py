@@ -20,14 +20,13 @@ from typing import Any
 import torch
 
 from minisd.checkpoint import file_sha256, save_json, save_tensors
+from minisd.classifier import accuracy, load_classifier
 from minisd.course import progress as progress_bar
 from minisd.data import load_mnist
 from minisd.latent import crop_images, encode_images
 from minisd.metrics import (
     SampleReport,
-    accuracy,
     evaluate_samples,
-    load_classifier,
     real_baseline,
     reference_features,
 )

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minisd import data, evaluation
-from minisd.metrics import MnistClassifier, SampleReport
+from minisd.classifier import MnistClassifier
+from minisd.metrics import SampleReport
 from minisd.pretrained import DiffusionModel
 from minisd.schedule import NoiseSchedule
 from minisd.unet import TINY, UNetModel

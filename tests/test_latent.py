@@ -224,9 +224,11 @@ def test_command_line_vae_then_latent_diffusion(tmp_path, monkeypatch):
 
 
 def test_latent_vs_pixel_trains_every_space_for_equal_time(tmp_path, monkeypatch):
+    from minisd import classifier as classifier_module
     from minisd import cli, metrics
+    from minisd.classifier import MnistClassifier, classify
     from minisd.cli import autoencoder as latent_cli
-    from minisd.metrics import MnistClassifier, classify, evaluate_samples
+    from minisd.metrics import evaluate_samples
     from minisd.pretrained import save_autoencoder
 
     g = torch.Generator().manual_seed(0)
@@ -234,7 +236,7 @@ def test_latent_vs_pixel_trains_every_space_for_equal_time(tmp_path, monkeypatch
     torch.manual_seed(0)
     classifier = MnistClassifier().eval()
     monkeypatch.setattr(latent_cli, "load_mnist", lambda train, limit: (x[:limit], None))
-    monkeypatch.setattr(metrics, "load_classifier", lambda: classifier)
+    monkeypatch.setattr(classifier_module, "load_classifier", lambda: classifier)
     monkeypatch.setattr(metrics, "reference_features", lambda c: classify(c, x)[0])
     monkeypatch.setattr(
         metrics, "real_baseline", lambda n, c, ref, **kw: evaluate_samples(x[:n], c, ref, **kw)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from minisd import data, metrics
+from minisd import classifier, data, metrics
 from minisd.checkpoint import save_tensors
 
 
@@ -130,10 +130,10 @@ def test_class_histogram_and_confident_fraction():
 
 
 def test_classifier_shapes_and_errors():
-    model = metrics.MnistClassifier().eval()
+    model = classifier.MnistClassifier().eval()
     x = torch.rand(3, 1, 28, 28) * 2 - 1
     assert model(x).shape == (3, 10)
-    assert model.features(x).shape == (3, metrics.ClassifierConfig().hidden)
+    assert model.features(x).shape == (3, classifier.ClassifierConfig().hidden)
     assert sum(p.numel() for p in model.parameters()) < 300_000
     for bad in (torch.zeros(3, 28, 28), torch.zeros(3, 3, 28, 28), torch.zeros(3, 1, 32, 32)):
         with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
@@ -145,13 +145,13 @@ def test_classifier_shapes_and_errors():
 def test_random_shift_moves_whole_images():
     x = torch.full((4, 1, 28, 28), -1.0)
     x[:, :, 10:18, 10:18] = 1.0
-    shifted = metrics.random_shift(x, 2, torch.Generator().manual_seed(0))
+    shifted = classifier.random_shift(x, 2, torch.Generator().manual_seed(0))
     assert shifted.shape == x.shape
     assert (shifted == 1.0).sum(dim=(1, 2, 3)).tolist() == [64] * 4  # nothing cut off or added
 
 
 def test_evaluate_samples_report_and_errors():
-    model = metrics.MnistClassifier().eval()
+    model = classifier.MnistClassifier().eval()
     g = torch.Generator().manual_seed(0)
     reference = metrics.reference_features(model, torch.rand(64, 1, 28, 28, generator=g) * 2 - 1)
     samples = torch.rand(32, 1, 28, 28, generator=g) * 2 - 1
@@ -166,20 +166,20 @@ def test_evaluate_samples_report_and_errors():
 
 def test_load_classifier_missing_file_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-classifier"):
-        metrics.load_classifier(tmp_path / "nope.safetensors")
+        classifier.load_classifier(tmp_path / "nope.safetensors")
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = metrics.MnistClassifier().eval()
+    model = classifier.MnistClassifier().eval()
     path = tmp_path / "c.safetensors"
     save_tensors(path, model.state_dict(), {"config": asdict(model.config)})
-    loaded = metrics.load_classifier(path)
+    loaded = classifier.load_classifier(path)
     x = torch.rand(2, 1, 28, 28) * 2 - 1
     torch.testing.assert_close(loaded(x), model(x))
 
 
 @pytest.mark.skipif(
-    not metrics.DEFAULT_CLASSIFIER.is_file(), reason="no shipped classifier checkpoint"
+    not classifier.DEFAULT_CLASSIFIER.is_file(), reason="no shipped classifier checkpoint"
 )
 @pytest.mark.skipif(
     not (data.data_root() / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists(),
@@ -187,9 +187,9 @@ def test_checkpoint_round_trip(tmp_path):
 )
 def test_shipped_classifier_reads_real_digits():
     images, labels = data.load_mnist(train=False, download=False, limit=1000)
-    assert metrics.accuracy(metrics.load_classifier(), images, labels) >= 0.985
+    assert classifier.accuracy(classifier.load_classifier(), images, labels) >= 0.985
 
 
 def test_cli_baseline_without_checkpoint_fails_helpfully(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-classifier"):
-        metrics.main(["baseline", "--classifier", str(tmp_path / "missing.safetensors")])
+        classifier.main(["baseline", "--classifier", str(tmp_path / "missing.safetensors")])

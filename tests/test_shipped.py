@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from minisd.checkpoint import file_sha256, load_json, load_tensors
+from minisd.classifier import DEFAULT_CLASSIFIER, classify, load_classifier
 from minisd.data import data_root, load_mnist
 from minisd.evaluation import (
     generate,
@@ -23,7 +24,7 @@ from minisd.evaluation import (
     report_from_dict,
 )
 from minisd.latent import decode_images, encode_images
-from minisd.metrics import DEFAULT_CLASSIFIER, classify, confident_fraction, load_classifier
+from minisd.metrics import confident_fraction
 from minisd.pretrained import CHECKPOINTS, DiffusionModel, load_autoencoder, load_diffusion
 from minisd.sampling import SamplerConfig
 from minisd.vae import psnr

@@ -50,7 +50,7 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
     data = pad_images(images, cfg.resolution) if cfg.resolution else images
     perceptual = None
     if args.perceptual_weight > 0:
-        from minisd.metrics import load_classifier
+        from minisd.classifier import load_classifier
 
         classifier = load_classifier(device=get_device(args.device)).requires_grad_(False)
         side = images.shape[-1]
@@ -150,9 +150,10 @@ def _spaces(vae: AutoencoderKL, images: torch.Tensor, spaces: list[str]) -> dict
 def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
     """Same U-Net widths, same training time: one model per space (pixels, latents, ...)."""
     from minisd import unet as unet_module
+    from minisd.classifier import load_classifier
     from minisd.diffusion import diffusion_loss_fn
     from minisd.evaluation import generate, save_results
-    from minisd.metrics import evaluate_samples, load_classifier, real_baseline, reference_features
+    from minisd.metrics import evaluate_samples, real_baseline, reference_features
     from minisd.pretrained import DiffusionModel
     from minisd.schedule import NoiseSchedule
 

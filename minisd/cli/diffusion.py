@@ -196,8 +196,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_compare_samplers(args: argparse.Namespace) -> None:
+    from minisd.classifier import load_classifier
     from minisd.evaluation import save_results, score
-    from minisd.metrics import load_classifier, reference_features
+    from minisd.metrics import reference_features
 
     model = load_diffusion(args.checkpoint, device=get_device(args.device))
     settings = [model.sampler_config("ddim", s) for s in args.ddim_steps]
