@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 # loss_fn(model, batch, generator) -> scalar loss: what `train.fit` calls every step, for the
-# diffusion U-Net (train.diffusion_loss_fn) and the autoencoder (vae.vae_loss_fn) alike.
+# diffusion U-Net (diffusion.diffusion_loss_fn) and the autoencoder (vae.vae_loss_fn) alike.
 LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.Generator], torch.Tensor]
 
 PROFILE_ENV = "MINISD_PROFILE"

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-# The classifier lives in minisd.classifier; classify and load_classifier are imported from here
-# by the notebooks, beside the metrics they feed.
-from minisd.classifier import MnistClassifier, check_images, classify, load_classifier  # noqa: F401
+from minisd.classifier import MnistClassifier, check_images, classify
 from minisd.data import load_mnist
 
 # Model samples may overshoot [-1, 1] a little; values beyond this mean the wrong range ([0, 255]).

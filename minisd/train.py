@@ -5,7 +5,7 @@ The batch order and each step's random draws (timesteps, noise, label dropout, a
 masks from torch's global RNG, seeded per step) are pure functions of (seed, step), and the
 checkpoint keeps the losses not yet logged, so a run that is stopped and resumed from its
 checkpoint continues exactly as if it had never stopped: weights and loss history alike.
-`diffusion_loss` is the DDPM objective: ||eps - eps_theta(x_t, t)||^2 (Ho et al. 2020, eq. 14).
+The objective it trains a diffusion model on is `minisd.diffusion.diffusion_loss_fn`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ from torch import nn
 from minisd.checkpoint import load_tensors, save_tensors
 from minisd.course import LossFn, get_device
 from minisd.course import progress as progress_bar
-
-# The objective lives in minisd.diffusion; notebook 02 imports it from here, where training is.
-from minisd.diffusion import diffusion_loss, diffusion_loss_fn  # noqa: F401
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 # Mixing constants so (seed, step) pairs never share a random stream.

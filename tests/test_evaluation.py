@@ -73,7 +73,7 @@ def test_report_round_trips_through_json_form():
 
 @needs_mnist
 def test_score_reports_samples_and_baseline_at_the_same_n():
-    from minisd.metrics import classify
+    from minisd.classifier import classify
 
     classifier = MnistClassifier().eval()  # untrained is enough to test the plumbing
     test_images, _ = data.load_mnist(train=False, download=False, limit=200)
@@ -93,13 +93,13 @@ def test_score_reports_samples_and_baseline_at_the_same_n():
 
 @needs_mnist
 def test_evaluate_and_compare_samplers_commands(tmp_path, monkeypatch):
-    from minisd import cli, metrics
+    from minisd import classifier, cli, metrics
     from minisd.checkpoint import load_json, load_tensors, save_json
     from minisd.pretrained import save_diffusion
 
     # features of 500 real digits stand in for the 60k train reference, to keep the test fast
-    small_reference = metrics.classify(
-        metrics.load_classifier(), data.load_mnist(train=True, download=False, limit=500)[0]
+    small_reference = classifier.classify(
+        classifier.load_classifier(), data.load_mnist(train=True, download=False, limit=500)[0]
     )[0]
     monkeypatch.setattr(evaluation, "reference_features", lambda clf: small_reference)
     monkeypatch.setattr(metrics, "reference_features", lambda clf: small_reference)

@@ -3,8 +3,7 @@
     diffusion:   train, sample, evaluate, compare-samplers
     autoencoder: train-vae, evaluate-vae, latent-vs-pixel
 
-Shared options live in `options`; what a command records about itself in `minisd.provenance`
-(re-exported here, where notebooks have imported `portable_command` from).
+Shared options live in `options`; what a command records about itself in `minisd.provenance`.
 """
 
 from __future__ import annotations
@@ -12,9 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minisd.provenance import command_line, portable_command, run_commands
-
-__all__ = ["build_parser", "command_line", "main", "portable_command", "run_commands"]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
