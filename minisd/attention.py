@@ -7,9 +7,18 @@ Notation (paper -> code):
     Q = W_Q x, K = W_K c, V = W_V c   -> to_q(x), to_k(context), to_v(context)
     softmax(Q K^T / sqrt(d)) V         -> F.scaled_dot_product_attention(q, k, v)
     d (channels per head)              -> dim_head
+
+A key-padding mask (B, M), True for real tokens, keeps padding out of the softmax. Inside
+`record_attention(model)` every attention layer also keeps its softmax(Q K^T / sqrt(d)) maps,
+computed from the same q and k; outside it the forward pass is `scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +47,16 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(kv_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(kv_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.recorder: AttentionRecorder | None = None  # set by record_attention
+        self.name = ""  # this layer's name in its model, for recorded maps
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, N, query_dim), context: (B, M, context_dim) or None
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x: (B, N, query_dim), context: (B, M, context_dim) or None, mask: (B, M) bool or None
         if context is None:
             context = x
         if context.shape[-1] != self.to_k.in_features:
@@ -49,15 +65,107 @@ class CrossAttention(nn.Module):
                 f"{what}: expected last dim {self.to_k.in_features} (context_dim), "
                 f"got shape {tuple(context.shape)}"
             )
+        if mask is not None:
+            mask = key_padding_mask(mask, context.shape[0], context.shape[1])
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N|M, h*d)
         q, k, v = (self._split_heads(z) for z in (q, k, v))  # (B, h, N|M, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d), scale 1/sqrt(d)
+        if self.recorder is None:
+            keep = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, h, N, d)
+        else:
+            probs = attention_probs(q, k, mask)  # (B, h, N, M)
+            self.recorder.maps.append(AttentionMap(self.name, probs.detach().float().cpu()))
+            out = probs @ v  # (B, h, N, d)
         out = out.transpose(1, 2).flatten(2)  # (B, N, h*d)
         return self.to_out(out)  # (B, N, query_dim)
 
     def _split_heads(self, z: torch.Tensor) -> torch.Tensor:
         b, n, _ = z.shape
         return z.view(b, n, self.heads, -1).transpose(1, 2)
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) over the keys, (B, h, N, d) x (B, h, M, d) -> (B, h, N, M);
+    keys where mask (B, M) is False get zero weight."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, N, M)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def key_padding_mask(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """A (batch, length) bool mask, True for tokens to attend to; at least one per row."""
+    if mask.shape != (batch, length):
+        raise ValueError(
+            f"mask must have shape ({batch}, {length}), one entry per context token, "
+            f"got {tuple(mask.shape)}"
+        )
+    mask = mask.bool()
+    if not mask.any(dim=1).all():
+        raise ValueError("every mask row needs at least one True (a token to attend to)")
+    return mask
+
+
+@dataclass
+class AttentionMap:
+    """One attention layer's softmax weights at one call: (B, heads, queries, keys)."""
+
+    layer: str
+    probs: torch.Tensor
+
+    @property
+    def side(self) -> int:
+        """Height (= width) of the square feature map the queries are the pixels of."""
+        return math.isqrt(self.probs.shape[2])
+
+
+@dataclass
+class AttentionRecorder:
+    """What `record_attention` collects: every recorded layer's maps, in call order."""
+
+    maps: list[AttentionMap] = field(default_factory=list)
+
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(m.layer for m in self.maps))
+
+    def token_maps(self, side: int | None = None, layer: str | None = None) -> torch.Tensor:
+        """(B, M, side, side): attention to each key token, averaged over heads, calls and
+        layers (those of one feature-map size, the largest unless `side`, or one `layer`)."""
+        maps = [m for m in self.maps if layer is None or m.layer == layer]
+        if not maps:
+            raise ValueError(
+                f"no attention maps recorded (layer={layer!r}); sample inside "
+                "record_attention(unet) first"
+            )
+        side = side or max(m.side for m in maps)
+        picked = [m.probs.mean(1) for m in maps if m.side == side]  # (B, N, M) each
+        if not picked:
+            raise ValueError(f"no recorded layer works at {side}x{side}")
+        mean = torch.stack(picked).mean(0)  # (B, N, M)
+        return mean.transpose(1, 2).reshape(mean.shape[0], -1, side, side)
+
+
+@contextlib.contextmanager
+def record_attention(model: nn.Module, cross_only: bool = True) -> Iterator[AttentionRecorder]:
+    """Keep the attention maps of `model`'s layers while inside the block (cross-attention
+    only unless cross_only=False); the forward pass computes them explicitly there."""
+    recorder = AttentionRecorder()
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, CrossAttention) and (not cross_only or name.endswith("attn2"))
+    ]
+    if not layers:
+        raise ValueError("this model has no attention layers to record")
+    for name, m in layers:
+        m.recorder, m.name = recorder, name
+    try:
+        yield recorder
+    finally:
+        for _, m in layers:
+            m.recorder = None
 
 
 class GEGLU(nn.Module):
@@ -107,10 +215,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, N, dim), context: (B, M, context_dim) or None
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x: (B, N, dim), context: (B, M, context_dim) or None, context_mask: (B, M) or None
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, None if context is None else context_mask)
         return x + self.ff(self.norm3(x))
 
 
@@ -142,14 +255,19 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, C, H, W), context: (B, M, context_dim) or None
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x: (B, C, H, W), context: (B, M, context_dim) or None, context_mask: (B, M) or None
         check_context(context, self.context_dim, x.shape[0])
         b, _, h, w = x.shape
         hidden = self.proj_in(self.norm(x))  # (B, D, H, W)
         hidden = hidden.flatten(2).transpose(1, 2)  # (B, H*W, D)
         for block in self.transformer_blocks:
-            hidden = block(hidden, context)
+            hidden = block(hidden, context, context_mask)
         hidden = hidden.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, H, W)
         return x + self.proj_out(hidden)
 

@@ -24,7 +24,8 @@ class Conditioner(Protocol):
     """What training and sampling need to know about a kind of condition."""
 
     def batch(self, cond: Any, n: int, device: torch.device | str) -> torch.Tensor:
-        """n conditions as one tensor: None is the null condition for all n."""
+        """n conditions as one tensor: None is the null condition for all n. A batch this
+        method returned (or a slice of one) passes through unchanged."""
         ...
 
     def model_kwargs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -84,8 +85,145 @@ class ClassConditioner:
         return torch.where(dropped, torch.full_like(batch, self.null_label), batch)
 
 
+class ImageConditioner:
+    """An image stacked onto x_t as extra input channels: the U-Net's `concat` (SD's
+    inpainting and upscaling models condition this way). The null image is all zeros."""
+
+    def __init__(self, channels: int) -> None:
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        self.channels = channels
+
+    def __repr__(self) -> str:
+        return f"ImageConditioner(channels={self.channels})"
+
+    def batch(self, cond: Any, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(n, channels, H, W) images; one (C, H, W) image is used for all n. None (no image)
+        cannot say what size to be: pass zeros of the right shape for the null image."""
+        if cond is None:
+            raise ValueError(
+                "an image condition needs an image: pass torch.zeros(n, C, H, W) for the null one"
+            )
+        images = torch.as_tensor(cond, device=device)
+        if images.ndim == 3:
+            images = images.expand(n, *images.shape)
+        if images.ndim != 4 or images.shape[:2] != (n, self.channels):
+            raise ValueError(
+                f"need images of shape ({n}, {self.channels}, H, W) or one ({self.channels}, H, "
+                f"W), got {tuple(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point, got {images.dtype}")
+        return images
+
+    def model_kwargs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"concat": batch}
+
+    def drop(self, batch: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+        if not p:
+            return batch
+        keep = torch.rand(batch.shape[0], generator=generator, device=batch.device) >= p
+        return batch * keep[:, None, None, None].to(batch.dtype)
+
+
+class TextConditioner(nn.Module):
+    """Prompts as the U-Net's cross-attention `context` (and `context_mask`), through a text
+    encoder (`minisd.text`); the empty prompt "" is the null condition, as in SD.
+
+    A condition batch is the prompts' token ids, (n, max_length). A frozen encoder's embeddings
+    are cached per distinct prompt, so training on a fixed set of captions encodes each once; a
+    trainable one (jointly trained, `ConditionedUNet`) runs every time, with gradients.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"TextConditioner({type(self.encoder).__name__}, dim={self.encoder.dim})"
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.encoder.parameters())
+
+    @property
+    def null_ids(self) -> torch.Tensor:
+        return self.encoder.tokenize("")  # (1, L)
+
+    def batch(self, cond: Any, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(n, L) token ids from None (n empty prompts), one prompt for all, n prompts, or ids
+        from an earlier batch."""
+        if isinstance(cond, torch.Tensor):
+            ids = self.encoder.check_ids(cond)
+        elif cond is None:
+            ids = self.null_ids
+        else:
+            ids = self.encoder.tokenize(cond)
+        if len(ids) == 1:
+            ids = ids.expand(n, -1)
+        if len(ids) != n:
+            raise ValueError(f"need one prompt or {n} prompts, got {len(ids)}")
+        return ids.to(device)
+
+    def model_kwargs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        kwargs = {"context": self.embed(batch)}
+        mask = self.encoder.attention_mask(batch)
+        if mask is not None:
+            kwargs["context_mask"] = mask
+        return kwargs
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n, L, dim) embeddings of token ids; cached per prompt for a frozen encoder."""
+        if self.trainable:
+            return self.encoder(ids)
+        rows = [tuple(r) for r in ids.tolist()]
+        missing = list(dict.fromkeys(r for r in rows if r not in self._cache))
+        if missing:
+            with torch.no_grad():
+                new = self.encoder(torch.tensor(missing, device=ids.device))
+            self._cache.update(zip(missing, new, strict=True))
+        return torch.stack([self._cache[r] for r in rows]).to(ids.device)
+
+    def drop(self, batch: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+        if not p:
+            return batch
+        dropped = torch.rand(batch.shape[0], generator=generator, device=batch.device) < p
+        null = self.null_ids.to(batch.device).expand_as(batch)
+        return torch.where(dropped[:, None], null, batch)
+
+    def _apply(self, fn, *args, **kwargs):  # a moved encoder must not serve stale embeddings
+        self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+
+class ConditionedUNet(nn.Module):
+    """A U-Net and the conditioner it is trained with, as one module, so `fit` trains (and
+    averages, and checkpoints) a jointly learned text encoder with the U-Net (ldm's
+    cond_stage_trainable). Calls go to the U-Net; `config` is the U-Net's."""
+
+    def __init__(self, unet: nn.Module, conditioner: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.conditioner = conditioner
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, **kwargs: Any) -> torch.Tensor:
+        return self.unet(x, t, **kwargs)
+
+
 def conditioner_for(unet: nn.Module) -> Conditioner | None:
-    """The conditioner a U-Net's config asks for: class labels if num_classes, else None."""
+    """The conditioner a model carries (`ConditionedUNet`) or its config asks for: an image if
+    concat_channels, class labels if num_classes, else None (a text model's conditioner must be
+    given: it needs an encoder)."""
+    own = getattr(unet, "conditioner", None)
+    if own is not None:
+        return own
     config = getattr(unet, "config", None)
+    if getattr(config, "concat_channels", 0):
+        return ImageConditioner(config.concat_channels)
     num_classes = getattr(config, "num_classes", None)
     return None if num_classes is None else ClassConditioner(num_classes)

@@ -30,6 +30,16 @@ def _attempt(name: str, fn: Callable, *args):
         return None, f"your function raised {type(err).__name__}: {err}"
 
 
+def _number(name: str, answer, variable: str) -> tuple[float | None, str | None]:
+    """A predicted number as a float, or (None, why not) for a missing or non-numeric answer."""
+    if answer is None:
+        return None, f"not attempted yet: set {variable} to your answer"
+    try:
+        return float(answer), None
+    except (TypeError, ValueError):
+        return None, f"answer with a number, got {type(answer).__name__}"
+
+
 # ----- notebook 01: forward noising ------------------------------------------------------------
 def check_alphas_cumprod(fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     """Exercise 01.1: fn(betas) -> alpha-bar, the running product of (1 - beta)."""
@@ -176,12 +186,9 @@ def check_ddim_step(fn: Callable[..., torch.Tensor]) -> bool:
 def check_untrained_loss(answer: float | None) -> bool:
     """Exercise 02.4 (predict, then check): the DDPM loss of a network that always outputs 0."""
     name = "Exercise 4 (the loss before training)"
-    if answer is None:
-        return _report(name, False, "not attempted yet: set untrained_loss to your prediction")
-    try:
-        answer = float(answer)
-    except (TypeError, ValueError):
-        return _report(name, False, f"answer with a number, got {type(answer).__name__}")
+    answer, err = _number(name, answer, "untrained_loss")
+    if err:
+        return _report(name, False, err)
     # measured, not assumed: zero predictions at every t, on data of any scale
     sched = NoiseSchedule("linear", 1000)
     g = torch.Generator().manual_seed(6)
@@ -204,12 +211,9 @@ def check_untrained_loss(answer: float | None) -> bool:
 def check_snr_multiplier(answer: float | None) -> bool:
     """Exercise 03.4 (reason, then check): how unscaled latents of std 5.5 change SNR(t)."""
     name = "Exercise 4 (SNR of unscaled latents)"
-    if answer is None:
-        return _report(name, False, "not attempted yet: set snr_multiplier to your answer")
-    try:
-        answer = float(answer)
-    except (TypeError, ValueError):
-        return _report(name, False, f"answer with a number, got {type(answer).__name__}")
+    answer, err = _number(name, answer, "snr_multiplier")
+    if err:
+        return _report(name, False, err)
     sched = NoiseSchedule("linear", 1000)
     g = torch.Generator().manual_seed(7)
     z = torch.randn(4096, generator=g, dtype=torch.float64)
@@ -286,6 +290,77 @@ def check_scale_factor(fn: Callable[[torch.Tensor], float]) -> bool:
 # ----- solutions a student can reveal -----------------------------------------------------------
 # Each: (what it defines, the checker it passes, the code, why). `solution("02.3")` prints one;
 # tests/test_exercises.py runs every one through its checker.
+# ----- notebook 04: cross-attention and text ---------------------------------------------------
+def check_cross_attention(fn: Callable[..., torch.Tensor]) -> bool:
+    """Exercise 04.1: fn(attn, x, context) -> attn(x, context), from to_q/to_k/to_v/to_out."""
+    from minisd.attention import CrossAttention
+
+    name = "Exercise 1 (cross-attention by hand)"
+    torch.manual_seed(4)
+    attn = CrossAttention(16, 12, heads=2, dim_head=8).eval()
+    g = torch.Generator().manual_seed(4)
+    x, context = torch.randn(2, 5, 16, generator=g), torch.randn(2, 7, 12, generator=g)
+    with torch.no_grad():
+        want = attn(x, context)
+        got, err = _attempt(name, fn, attn, x, context)
+    if err:
+        return _report(name, False, err)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return _report(name, False, f"return a tensor shaped like x, {tuple(want.shape)}")
+    if torch.allclose(got, want, atol=1e-5):
+        return _report(name, True, "softmax(q k^T / sqrt(d)) v per head, then to_out")
+    # the usual slips, each with its own hint
+    one_head = CrossAttention(16, 12, heads=1, dim_head=16).eval()
+    one_head.load_state_dict(attn.state_dict())
+    with torch.no_grad():
+        if torch.allclose(got, one_head(x, context), atol=1e-5):
+            return _report(name, False, "that is one head of 16; split into attn.heads heads of 8")
+    return _report(name, False, "hint: q from x, k and v from context; scale by 1/sqrt(8)")
+
+
+def check_uniform_attention(answer: float | None) -> bool:
+    """Exercise 04.2 (predict, then check): the weight on each kept token when all keys agree."""
+    from minisd.attention import CrossAttention, record_attention
+
+    name = "Exercise 2 (attention over identical tokens)"
+    answer, err = _number(name, answer, "weight_per_token")
+    if err:
+        return _report(name, False, err)
+    torch.manual_seed(5)
+    block = torch.nn.Module()
+    block.attn2 = CrossAttention(16, 12, heads=2, dim_head=8).eval()
+    x = torch.randn(1, 4, 16)
+    context = torch.randn(1, 1, 12).expand(1, 16, 12)  # 16 copies of one token
+    keep = torch.zeros(1, 16, dtype=torch.bool)
+    keep[0, :5] = True  # 5 real tokens, 11 padding
+    with torch.no_grad(), record_attention(block) as rec:
+        block.attn2(x, context, keep)
+    measured = rec.maps[0].probs[0, :, :, 0].mean().item()
+    if abs(answer - measured) > 1e-3:
+        hint = "padding gets no weight" if abs(answer - 1 / 16) < 1e-3 else "equal scores..."
+        return _report(name, False, f"not that ({hint}); what does softmax do to equal scores?")
+    return _report(name, True, f"{measured:.3f}: equal scores share the weight evenly, 1/5 each")
+
+
+def check_clip_padding(answer: int | None) -> bool:
+    """Exercise 04.3: how many of CLIP's 77 positions are padding for one caption."""
+    from minisd.text import clip_tokenizer
+
+    name = "Exercise 3 (CLIP's 77 positions)"
+    prompt = "a handwritten digit seven"
+    ids = clip_tokenizer()(prompt)["input_ids"]  # start, the words' pieces, end
+    want = 77 - len(ids)
+    if answer is None:
+        return _report(name, False, "not attempted yet: set clip_padding to your answer")
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        return _report(name, False, f"answer with an int, got {type(answer).__name__}")
+    if answer == want:
+        return _report(name, True, f"{len(ids)} real tokens (start and end included), {want} pad")
+    if answer == want + 2:
+        return _report(name, False, "the start and end tokens are real tokens too")
+    return _report(name, False, "tokenize it and count: each word here is one BPE piece")
+
+
 SOLUTIONS: dict[str, tuple[str, str, str, str]] = {
     "01.1": (
         "alphas_cumprod",
@@ -370,6 +445,34 @@ SOLUTIONS: dict[str, tuple[str, str, str, str]] = {
         "snr_multiplier = 5.5**2\n",
         "SNR(t) = ab_t Var(x0) / (1 - ab_t): the data's variance multiplies it at every step. "
         "Latents of std 5.5 keep 30x the SNR, so noise at a given t destroys far less of them.",
+    ),
+    "04.1": (
+        "cross_attention",
+        "check_cross_attention",
+        "def cross_attention(attn, x, context):\n"
+        "    h = attn.heads\n"
+        "    q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)\n"
+        "    split = lambda z: z.view(z.shape[0], z.shape[1], h, -1).transpose(1, 2)\n"
+        "    q, k, v = split(q), split(k), split(v)  # (B, heads, N or M, d)\n"
+        "    w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)\n"
+        "    return attn.to_out((w @ v).transpose(1, 2).flatten(2))\n",
+        "Queries come from the image tokens, keys and values from the text; each head mixes the "
+        "values with weights softmax(q k^T / sqrt(d)), then the heads are joined and projected.",
+    ),
+    "04.2": (
+        "weight_per_token",
+        "check_uniform_attention",
+        "weight_per_token = 1 / 5\n",
+        "Identical keys give every query identical scores; masked tokens get -inf, so the "
+        "softmax spreads the weight evenly over the 5 real tokens, whatever the query is.",
+    ),
+    "04.3": (
+        "clip_padding",
+        "check_clip_padding",
+        "from minisd.text import clip_tokenizer\n\n"
+        'clip_padding = 77 - len(clip_tokenizer()("a handwritten digit seven")["input_ids"])\n',
+        "4 words, one BPE piece each, plus the start and end tokens: 6 real, 71 padding "
+        "(SD pads with the end token, 49407).",
     ),
 }
 

@@ -28,6 +28,8 @@ FORMAT = "minisd.diffusion/1"
 AUTOENCODER_FORMAT = "minisd.autoencoder/1"
 # SD v1's checkpoint prefixes, used by latent diffusion checkpoints.
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+# and the text encoder's (SD v1: cond_stage_model.transformer.text_model.*)
+TEXT_PREFIX = "cond_stage_model."
 
 
 @dataclass
@@ -39,7 +41,8 @@ class DiffusionModel:
     vae: latent diffusion's autoencoder (samples are latents to decode), None for pixels;
     image_size: side of the decoded images (latent models; pixel models take any size);
     sampler: how to sample by default (`SamplerConfig`); pixel models clip x0 to [-1, 1],
-    latent ones do not. The conditioner (class labels, ...) follows from the U-Net's config.
+    latent ones do not. conditioner: how conditions reach the U-Net; None takes the one its
+    config asks for (class labels) or, for a `ConditionedUNet`, the one it carries.
     """
 
     unet: UNetModel
@@ -49,12 +52,19 @@ class DiffusionModel:
     vae: AutoencoderKL | None = None
     image_size: int | None = None
     sampler: SamplerConfig | None = None
+    conditioner: Conditioner | None = None
 
     def __post_init__(self) -> None:
         if self.sampler is None:
             steps = min(SamplerConfig.steps, self.schedule.num_timesteps)  # DDIM-50, or all T
             self.sampler = SamplerConfig(steps=steps, clip_x0=None if self.is_latent else 1.0)
-        self.conditioner: Conditioner | None = conditioner_for(self.unet)
+        if self.conditioner is None:
+            self.conditioner = conditioner_for(self.unet)
+        if getattr(self.unet.config, "context_dim", None) is not None and self.conditioner is None:
+            raise ValueError(
+                "this U-Net cross-attends to text (context_dim is set): pass "
+                "conditioner=TextConditioner(encoder) so prompts can reach it"
+            )
 
     @property
     def is_latent(self) -> bool:
@@ -72,11 +82,11 @@ class DiffusionModel:
             return None
         cfg = self.vae.config
         side = (cfg.resolution or self.image_size) // cfg.downsampling_factor  # padded size
-        return (self.unet.config.in_channels, side, side)
+        return (self.unet.config.noise_channels, side, side)
 
     def noise_shape(self, image_size: int = 28) -> tuple[int, int, int]:
         """(C, H, W) of x_T: the latent shape, or image_size x image_size pixels."""
-        return self.sample_shape or (self.unet.config.in_channels, image_size, image_size)
+        return self.sample_shape or (self.unet.config.noise_channels, image_size, image_size)
 
     def sampler_config(self, sampler: str | None = None, steps: int | None = None, **changes):
         """This model's sampler config with another sampler, number of steps or option."""
@@ -104,15 +114,21 @@ class DiffusionModel:
 
         return model_fn if self.prediction == "eps" else v_to_eps_fn(model_fn, self.schedule)
 
-    def condition(self, cond: Any, n: int) -> dict[str, torch.Tensor]:
-        """The U-Net's keyword arguments for n samples under `cond` (None: unconditional)."""
+    def condition_batch(self, cond: Any, n: int) -> torch.Tensor | None:
+        """n conditions as one tensor on the model's device (the conditioner's `batch`), which
+        can be sliced into sampling batches; None for an unconditional model."""
         if self.conditioner is None:
             if cond is not None:
                 raise ValueError(
                     "this model is unconditional: it takes no condition (pass cond=None)"
                 )
-            return {}
-        return self.conditioner.model_kwargs(self.conditioner.batch(cond, n, self.device))
+            return None
+        return self.conditioner.batch(cond, n, self.device)
+
+    def condition(self, cond: Any, n: int) -> dict[str, torch.Tensor]:
+        """The U-Net's keyword arguments for n samples under `cond` (None: unconditional)."""
+        batch = self.condition_batch(cond, n)
+        return {} if batch is None else self.conditioner.model_kwargs(batch)
 
     @torch.no_grad()
     def sample(
@@ -144,13 +160,20 @@ def save_diffusion(
     vae: AutoencoderKL | None = None,
     image_size: int | None = None,
     sampler: SamplerConfig | None = None,
+    conditioner: Any = None,
 ) -> Path:
     """Save a U-Net's weights (fp16 by default: half the size, same samples) with how to use it.
 
     With `vae` (latent diffusion) the autoencoder is stored too, SD-style, and `image_size` is the
     side of the images the latents decode to (MNIST: 28, cropped from the autoencoder's 32).
     `sampler` is stored as the model's default way to sample (else DiffusionModel's default).
+    A text model's conditioner (or the one a `ConditionedUNet` carries) is recorded by its
+    encoder's spec, and the encoder's weights are stored unless it is a named pretrained one.
     """
+    from minisd.conditioning import TextConditioner
+
+    conditioner = conditioner or getattr(unet, "conditioner", None)
+    unet = getattr(unet, "unet", unet)  # a ConditionedUNet's U-Net
     tensors = _half(unet.state_dict(), dtype, UNET_PREFIX if vae is not None else "")
     if vae is not None:
         if image_size is None:
@@ -167,6 +190,12 @@ def save_diffusion(
         meta["image_size"] = image_size
     if sampler is not None:
         meta["sampler"] = dataclasses.asdict(sampler)
+    if isinstance(conditioner, TextConditioner):
+        from minisd.text import encoder_spec, stores_weights
+
+        meta["text_encoder"] = encoder_spec(conditioner.encoder)
+        if stores_weights(conditioner.encoder):
+            tensors.update(_half(conditioner.encoder.state_dict(), dtype, TEXT_PREFIX))
     return save_tensors(path, tensors, meta)
 
 
@@ -226,6 +255,16 @@ def load_diffusion(
     """Load a model written by `save_diffusion` (or `python -m minisd train --export`)."""
     tensors, meta = _open(path, FORMAT, "diffusion", "train")
     unet = UNetModel(_config(UNetConfig, meta["unet_config"]))
+    conditioner = None
+    if "text_encoder" in meta:
+        from minisd.conditioning import TextConditioner
+        from minisd.text import encoder_from_spec, stores_weights
+
+        encoder = encoder_from_spec(meta["text_encoder"])
+        if stores_weights(encoder):
+            encoder.load_state_dict(_strip(tensors, TEXT_PREFIX, dtype))
+        conditioner = TextConditioner(encoder.requires_grad_(False).eval()).to(device)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(TEXT_PREFIX)}
     vae = None
     if "autoencoder_config" in meta:
         vae = AutoencoderKL(_config(AutoencoderConfig, meta["autoencoder_config"]))
@@ -237,7 +276,7 @@ def load_diffusion(
     unet = unet.to(device).eval()
     sampler = SamplerConfig(**meta["sampler"]) if "sampler" in meta else None
     return DiffusionModel(
-        unet, schedule, meta["prediction"], meta, vae, meta.get("image_size"), sampler
+        unet, schedule, meta["prediction"], meta, vae, meta.get("image_size"), sampler, conditioner
     )
 
 

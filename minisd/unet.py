@@ -36,6 +36,16 @@ class UNetConfig:
     Downsample, ...). num_heads == -1 means "use num_head_channels"; if both are set
     num_head_channels wins, as in ldm. context_dim None: no text, attn2 is self-attention.
     num_classes: adds `label_emb` with one extra row, index num_classes, the null class.
+
+    The three ways to condition (Rombach et al. 2022, sec. 3.3; ldm's conditioning_key):
+    - adaptive normalization, use_scale_shift_norm: the time (+ class) embedding predicts a
+      scale and shift of each ResBlock's second GroupNorm (ldm/openaimodel; "FiLM"), instead of
+      being added to the features;
+    - concatenation, concat_channels: that many of the in_channels come from the condition (a
+      low-resolution or masked image), concatenated to x_t by `forward(..., concat=...)` (SD's
+      inpainting U-Net has in_channels=9: 4 noisy latents + 4 masked-image latents + 1 mask);
+    - cross-attention, context_dim: every SpatialTransformer attends to a sequence of text
+      embeddings (`forward(..., context=...)`).
     """
 
     in_channels: int
@@ -51,6 +61,8 @@ class UNetConfig:
     transformer_depth: int = 1
     num_classes: int | None = None
     norm_num_groups: int = 32
+    use_scale_shift_norm: bool = False
+    concat_channels: int = 0
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks"):
@@ -72,6 +84,11 @@ class UNetConfig:
         for name in ("context_dim", "num_classes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+        if not 0 <= self.concat_channels < self.in_channels:
+            raise ValueError(
+                f"concat_channels must be in [0, in_channels={self.in_channels}): in_channels "
+                f"counts x_t's channels plus the concatenated ones, got {self.concat_channels}"
+            )
         if self.transformer_depth < 1 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("transformer_depth must be >= 1 and dropout in [0, 1)")
         if self.num_heads == -1 and self.num_head_channels == -1:
@@ -98,6 +115,11 @@ class UNetConfig:
         if self.num_head_channels != -1:
             return channels // split, split
         return split, channels // split
+
+    @property
+    def noise_channels(self) -> int:
+        """Channels of x_t itself: in_channels less the concatenated condition's."""
+        return self.in_channels - self.concat_channels
 
     @property
     def downsample_factor(self) -> int:
@@ -172,7 +194,11 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the time embedding added in between (DDPM's ResNet block)."""
+    """GroupNorm-SiLU-conv twice, with the time embedding in between (DDPM's ResNet block).
+
+    The embedding is added to the features, or with use_scale_shift_norm predicts the second
+    GroupNorm's scale and shift: h = norm(h) * (1 + scale) + shift (adaptive normalization).
+    """
 
     def __init__(
         self,
@@ -181,15 +207,18 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         out_channels: int | None = None,
         norm_groups: int = 32,
+        use_scale_shift_norm: bool = False,
     ) -> None:
         super().__init__()
         out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
             nn.GroupNorm(norm_groups, channels),
             nn.SiLU(),
             nn.Conv2d(channels, out_channels, 3, padding=1),
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(norm_groups, out_channels),
             nn.SiLU(),
@@ -202,8 +231,12 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # x: (B, C, H, W), emb: (B, E)
         h = self.in_layers(x)  # (B, C', H, W)
-        h = h + self.emb_layers(emb)[:, :, None, None]  # (B, C', 1, 1) broadcast
-        return self.skip_connection(x) + self.out_layers(h)
+        e = self.emb_layers(emb)[:, :, None, None].to(h.dtype)  # (B, C' or 2C', 1, 1)
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)  # (B, C', 1, 1) each
+            norm, rest = self.out_layers[0], self.out_layers[1:]
+            return self.skip_connection(x) + rest(norm(h) * (1 + scale) + shift)
+        return self.skip_connection(x) + self.out_layers(h + e)
 
 
 class Downsample(nn.Module):
@@ -221,13 +254,17 @@ class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands emb to ResBlocks and context to SpatialTransformers."""
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, context_mask)
             else:
                 x = layer(x)
         return x
@@ -235,11 +272,16 @@ class TimestepEmbedSequential(nn.Sequential):
 
 def _res_and_attention(cfg: UNetConfig, in_ch: int, out_ch: int, factor: int) -> list[nn.Module]:
     """A ResBlock in_ch -> out_ch, plus a SpatialTransformer if `factor` has attention."""
-    emb_dim = cfg.model_channels * TIME_EMBED_MULT
-    layers: list[nn.Module] = [ResBlock(in_ch, emb_dim, cfg.dropout, out_ch, cfg.norm_num_groups)]
+    layers: list[nn.Module] = [_resblock(cfg, in_ch, out_ch)]
     if factor in cfg.attention_resolutions:
         layers.append(_transformer(cfg, out_ch))
     return layers
+
+
+def _resblock(cfg: UNetConfig, in_ch: int, out_ch: int) -> ResBlock:
+    emb_dim = cfg.model_channels * TIME_EMBED_MULT
+    groups, scale_shift = cfg.norm_num_groups, cfg.use_scale_shift_norm
+    return ResBlock(in_ch, emb_dim, cfg.dropout, out_ch, groups, scale_shift)
 
 
 def _transformer(cfg: UNetConfig, channels: int) -> SpatialTransformer:
@@ -301,9 +343,7 @@ class UNetModel(nn.Module):
         self.input_blocks, skip_channels = _input_blocks(cfg)
         ch = cfg.model_channels * cfg.channel_mult[-1]
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, cfg.dropout, ch, cfg.norm_num_groups),
-            _transformer(cfg, ch),
-            ResBlock(ch, emb_dim, cfg.dropout, ch, cfg.norm_num_groups),
+            _resblock(cfg, ch, ch), _transformer(cfg, ch), _resblock(cfg, ch, ch)
         )
         self.output_blocks = _output_blocks(cfg, skip_channels)
         self.out = nn.Sequential(
@@ -325,20 +365,27 @@ class UNetModel(nn.Module):
         t: torch.Tensor | int,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Map x_t (B, C, H, W) at timesteps t (scalar or (B,)) to (B, out_channels, H, W)."""
-        t = self._check_inputs(x, t, context, y)
+        """Map x_t (B, C, H, W) at timesteps t (scalar or (B,)) to (B, out_channels, H, W).
+
+        context: (B, M, context_dim) text embeddings, context_mask: (B, M) True for real tokens;
+        y: (B,) class labels; concat: (B, concat_channels, H, W) images stacked onto x_t.
+        """
+        t = self._check_inputs(x, t, context, y, context_mask, concat)
         t_emb = timestep_embedding(t, self.config.model_channels)  # (B, model_channels)
         emb = self.time_embed(t_emb.to(x.dtype))  # (B, 4*model_channels)
         if y is not None:
             emb = emb + self.label_emb(y)
-        h, skips = x, []
+        h, skips = x if concat is None else torch.cat([x, concat.to(x.dtype)], dim=1), []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, context_mask)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, context_mask)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, H, W)
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            h = block(h, emb, context, context_mask)
         return self.out(h)
 
     def _check_inputs(
@@ -347,14 +394,23 @@ class UNetModel(nn.Module):
         t: torch.Tensor | int,
         context: torch.Tensor | None,
         y: torch.Tensor | None,
+        context_mask: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Raise a ValueError for any malformed input; return t as a (B,) tensor."""
         cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {cfg.in_channels}, H, W) for this model "
-                f"(in_channels={cfg.in_channels}), got {tuple(x.shape)}"
+        c = cfg.noise_channels
+        if x.ndim != 4 or x.shape[1] != c:
+            extra = f", plus concat_channels={cfg.concat_channels} in concat" * bool(
+                cfg.concat_channels
             )
+            raise ValueError(
+                f"x must have shape (B, {c}, H, W) for this model (in_channels="
+                f"{cfg.in_channels}{extra}), got {tuple(x.shape)}"
+            )
+        self._check_concat(concat, x)
+        if context_mask is not None and context is None:
+            raise ValueError("context_mask without a context: pass both or neither")
         k = cfg.downsample_factor
         if x.shape[-2] % k or x.shape[-1] % k:
             raise ValueError(
@@ -369,6 +425,19 @@ class UNetModel(nn.Module):
         check_context(context, cfg.context_dim, x.shape[0])
         self._check_labels(y, x.shape[0])
         return t
+
+    def _check_concat(self, concat: torch.Tensor | None, x: torch.Tensor) -> None:
+        k = self.config.concat_channels
+        if not k:
+            if concat is not None:
+                raise ValueError(
+                    "this model takes no concatenated image (concat_channels=0); pass concat=None"
+                )
+            return
+        want = (x.shape[0], k, *x.shape[2:])
+        if concat is None or tuple(concat.shape) != want:
+            got = None if concat is None else tuple(concat.shape)
+            raise ValueError(f"this model concatenates an image of shape {want} to x_t, got {got}")
 
     def _check_labels(self, y: torch.Tensor | None, batch: int) -> None:
         n = self.config.num_classes

@@ -80,3 +80,70 @@ def test_context_dim_mismatch_says_expected_and_got() -> None:
         SpatialTransformer(16, 2, 8, norm_groups=4)(x, torch.randn(1, 3, 12))
     with pytest.raises(ValueError, match="last dim 12"):
         CrossAttention(16, 12, heads=2, dim_head=8)(torch.randn(1, 5, 16), torch.randn(1, 3, 16))
+
+
+# ----- masks and recorded maps (lesson 04) -----------------------------------------------------
+def _naive_attention(attn: CrossAttention, x, context, keep=None):
+    """softmax(Q K^T / sqrt(d)) V written out per batch item and head, loops and all."""
+    h = attn.heads
+    out = torch.zeros(x.shape[0], x.shape[1], attn.to_q.out_features)
+    for b in range(x.shape[0]):
+        ctx = context[b] if keep is None else context[b][keep[b]]
+        q, k, v = attn.to_q(x[b]), attn.to_k(ctx), attn.to_v(ctx)
+        d = q.shape[-1] // h
+        for i in range(h):
+            sl = slice(i * d, (i + 1) * d)
+            w = torch.softmax(q[:, sl] @ k[:, sl].T / d**0.5, dim=-1)
+            out[b, :, sl] = w @ v[:, sl]
+    return attn.to_out(out)
+
+
+def test_attention_with_and_without_a_mask_matches_a_naive_reference() -> None:
+    attn = CrossAttention(16, 12, heads=2, dim_head=8).eval()
+    _randomize(attn)
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(3, 5, 16, generator=g), torch.randn(3, 7, 12, generator=g)
+    keep = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1] * 7, [1, 0, 1, 0, 1, 0, 0]]).bool()
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, context), _naive_attention(attn, x, context))
+        masked = attn(x, context, keep)
+        torch.testing.assert_close(masked, _naive_attention(attn, x, context, keep))
+        # the padded keys change nothing: row 0 equals attention over its 3 real tokens only
+        torch.testing.assert_close(masked[:1], attn(x[:1], context[:1, :3]))
+        assert not torch.allclose(masked[0], attn(x, context)[0], atol=1e-3)
+
+
+def test_recorded_path_gives_the_same_output_and_maps_that_sum_to_one() -> None:
+    from minisd.attention import record_attention
+
+    block = SpatialTransformer(16, 2, 8, context_dim=12, norm_groups=4).eval()
+    _randomize(block)
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 6, 12, generator=g)
+    keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]).bool()
+    with torch.no_grad():
+        fast = block(x, context, keep)
+        with record_attention(block) as rec:
+            slow = block(x, context, keep)
+        after = block(x, context, keep)
+    torch.testing.assert_close(slow, fast)
+    assert torch.equal(after, fast)  # recording switched off again
+    assert rec.layers() == ["transformer_blocks.0.attn2"] and len(rec.maps) == 1
+    probs = rec.maps[0].probs  # (B, heads, H*W, M)
+    assert probs.shape == (2, 2, 16, 6)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 16))
+    assert probs[0, ..., 4:].abs().max() == 0 and probs[1, ..., 2:].abs().max() == 0
+    maps = rec.token_maps()  # (B, M, 4, 4): heads averaged, queries back on the grid
+    assert maps.shape == (2, 6, 4, 4)
+    torch.testing.assert_close(maps[1, 1], probs[1, :, :, 1].mean(0).view(4, 4))
+    with pytest.raises(ValueError, match="no attention maps"):
+        rec.token_maps(layer="nope")
+
+
+def test_bad_masks_say_what_was_expected() -> None:
+    attn = CrossAttention(16, 12, heads=2, dim_head=8)
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    with pytest.raises(ValueError, match=r"shape \(2, 7\)"):
+        attn(x, context, torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least one True"):
+        attn(x, context, torch.zeros(2, 7, dtype=torch.bool))

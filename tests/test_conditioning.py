@@ -76,6 +76,11 @@ def test_conditioning_reaches_the_samples_end_to_end(two_class_model):
     assert gap.min() > 0.1 and gap.mean() > 0.2
     mixed = generate(model, 16, config, seed=0, image_size=8, cond=[0, 1] * 8)
     assert torch.equal(mixed[::2], dark[::2]) and torch.equal(mixed[1::2], bright[1::2])
+    # drawn in batches of 5, each batch gets its own slice of the 16 labels (an odd batch size,
+    # so a slice taken from the wrong offset would swap the labels of the second batch)
+    fives = {c: generate(model, 16, config, image_size=8, cond=c, batch_size=5) for c in (0, 1)}
+    mixed5 = generate(model, 16, config, image_size=8, cond=[0, 1] * 8, batch_size=5)
+    assert torch.equal(mixed5[::2], fives[0][::2]) and torch.equal(mixed5[1::2], fives[1][1::2])
     # no condition is the null class, and that is what the U-Net sees with y = null
     none = generate(model, 16, config, seed=0, image_size=8)
     null = generate(model, 16, config, seed=0, image_size=8, cond=model.conditioner.null_label)
@@ -83,3 +88,43 @@ def test_conditioning_reaches_the_samples_end_to_end(two_class_model):
     x_T = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     by_hand = config.sample(model.eps_fn(y=torch.full((16,), 2)), x_T, model.schedule).clamp(-1, 1)
     assert torch.equal(model.sample(x_T, config), by_hand)
+
+
+# ----- an image concatenated onto x_t (lesson 04) ----------------------------------------------
+def test_image_conditioner_batches_checks_and_drops_to_zeros():
+    from minisd.conditioning import ImageConditioner
+
+    c = ImageConditioner(1)
+    img = torch.randn(1, 8, 8)
+    assert c.batch(img, 3).shape == (3, 1, 8, 8) and set(c.model_kwargs(c.batch(img, 2))) == {
+        "concat"
+    }
+    for bad, match in ((None, "torch.zeros"), (torch.randn(2, 1, 8, 8), r"\(3, 1, H, W\)"),
+                       (torch.ones(3, 1, 8, 8, dtype=torch.long), "floating")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            c.batch(bad, 3)
+    images = torch.randn(1000, 1, 2, 2) + 3
+    dropped = c.drop(images, 0.3, torch.Generator().manual_seed(0))
+    zero = (dropped == 0).flatten(1).all(1)
+    assert 0.25 < zero.float().mean() < 0.35 and torch.equal(dropped[~zero], images[~zero])
+    unet = UNetModel(dataclasses.replace(TINY, in_channels=2, out_channels=1, concat_channels=1))
+    assert isinstance(conditioner_for(unet), ImageConditioner)
+
+
+def test_a_concatenated_image_steers_the_samples_end_to_end():
+    """A tiny U-Net taught to copy the brightness of the image it is handed."""
+    g = torch.Generator().manual_seed(0)
+    level = torch.rand(256, generator=g) * 1.6 - 0.8
+    cond = level.view(-1, 1, 1, 1).expand(256, 1, 8, 8).contiguous()
+    x = cond + 0.05 * torch.randn(256, 1, 8, 8, generator=g)
+    torch.manual_seed(0)
+    unet = UNetModel(dataclasses.replace(TINY, in_channels=2, out_channels=1, concat_channels=1))
+    schedule = NoiseSchedule("linear", 100)
+    cfg = TrainConfig(steps=150, batch_size=32, lr=5e-3, ema_decay=None, log_every=50)
+    fit(unet, diffusion_loss_fn(schedule, class_dropout=0.1), (x, cond), cfg, progress=False)
+    model = DiffusionModel(unet.eval(), schedule, "eps", {})
+    config = model.sampler_config("ddim", 20)
+    dark = generate(model, 8, config, image_size=8, cond=torch.full((1, 8, 8), -0.8))
+    bright = generate(model, 8, config, image_size=8, cond=torch.full((1, 8, 8), 0.8))
+    gap = bright.mean((1, 2, 3)) - dark.mean((1, 2, 3))
+    assert gap.min() > 0.1, gap

@@ -149,3 +149,26 @@ def test_the_reasoning_exercises_reject_the_tempting_wrong_answers(capsys):
     assert "the std itself" in capsys.readouterr().out
     assert not exercises.check_snr_multiplier(1 / 5.5**2)
     assert exercises.check_snr_multiplier(30.25)
+
+
+def test_cross_attention_checker(capsys):
+    def one_head(attn, x, context):
+        q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+        return attn.to_out(torch.softmax(q @ k.transpose(-1, -2) / 16**0.5, -1) @ v)
+
+    assert not exercises.check_cross_attention(one_head)
+    assert "one head of 16" in capsys.readouterr().out
+    assert not exercises.check_cross_attention(lambda attn, x, c: attn(x, c[:, :3]))
+    assert not exercises.check_cross_attention(not_attempted)
+    assert "not attempted" in capsys.readouterr().out
+
+
+def test_uniform_attention_and_clip_padding_checkers(capsys):
+    assert not exercises.check_uniform_attention(1 / 16)
+    assert "padding gets no weight" in capsys.readouterr().out
+    assert not exercises.check_uniform_attention(None)
+    assert exercises.check_uniform_attention(0.2)
+    assert not exercises.check_clip_padding(73)  # 77 - 4 words: forgot start and end
+    assert "start and end" in capsys.readouterr().out
+    assert not exercises.check_clip_padding(71.0)
+    assert exercises.check_clip_padding(71)

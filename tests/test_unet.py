@@ -179,6 +179,94 @@ def test_loss_falls_on_a_fixed_batch() -> None:
     assert losses[-1] < 0.5 * losses[0]
 
 
+# ----- the three ways to condition (lesson 04) ------------------------------------------------
+def test_scale_shift_resblock_matches_diffusers() -> None:
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from minisd.unet import ResBlock
+
+    ours = ResBlock(8, 32, out_channels=16, norm_groups=4, use_scale_shift_norm=True).eval()
+    ref = ResnetBlock2D(
+        in_channels=8,
+        out_channels=16,
+        temb_channels=32,
+        groups=4,
+        eps=1e-5,
+        time_embedding_norm="scale_shift",
+    ).eval()
+    randomize(ours)
+    names = {
+        "in_layers.0": "norm1",
+        "in_layers.2": "conv1",
+        "emb_layers.1": "time_emb_proj",
+        "out_layers.0": "norm2",
+        "out_layers.3": "conv2",
+        "skip_connection": "conv_shortcut",
+    }
+    state = {}
+    for k, v in ours.state_dict().items():
+        module, param = k.rsplit(".", 1)
+        state[f"{names[module]}.{param}"] = v
+    ref.load_state_dict(state)
+    x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, emb), ref(x, emb))
+    assert ours.emb_layers[1].out_features == 32  # a scale and a shift per channel
+
+
+def test_adaptive_normalization_carries_time_and_class() -> None:
+    cfg = dataclasses.replace(TINY, use_scale_shift_norm=True, num_classes=10)
+    model = UNetModel(cfg).eval()
+    randomize(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = model(x, 10, y=torch.tensor([3, 3]))
+        assert not torch.allclose(out, model(x, 10, y=torch.tensor([4, 4])), atol=1e-4)
+        assert not torch.allclose(out, model(x, 500, y=torch.tensor([3, 3])), atol=1e-4)
+    # the default keeps today's additive embedding, so old checkpoints load unchanged
+    assert UNetModel(TINY).state_dict().keys() == model.state_dict().keys() - {"label_emb.weight"}
+    UNetModel(TINY).load_state_dict(UNetModel(dataclasses.replace(TINY)).state_dict())
+
+
+def test_concatenation_stacks_the_condition_onto_x_t() -> None:
+    cfg = dataclasses.replace(TINY, in_channels=5, concat_channels=2)
+    model = UNetModel(cfg).eval()
+    randomize(model)
+    assert cfg.noise_channels == 3 and model.input_blocks[0][0].in_channels == 5
+    x, image = torch.randn(2, 3, 8, 8), torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        out = model(x, 5, concat=image)
+        assert out.shape == (2, 3, 8, 8)
+        assert not torch.allclose(out, model(x, 5, concat=-image), atol=1e-4)
+        # the same as one U-Net fed the 5 channels by hand
+        plain = UNetModel(dataclasses.replace(TINY, in_channels=5)).eval()
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(plain(torch.cat([x, image], 1), 5), out)
+    with pytest.raises(ValueError, match=r"concatenates an image of shape \(2, 2, 8, 8\)"):
+        model(x, 5)
+    with pytest.raises(ValueError, match="takes no concatenated image"):
+        UNetModel(TINY)(x, 5, concat=image)
+    with pytest.raises(ValueError, match="concat_channels must be in"):
+        dataclasses.replace(TINY, concat_channels=3)
+
+
+def test_cross_attention_reads_the_text_and_ignores_masked_padding() -> None:
+    model = UNetModel(dataclasses.replace(TINY, context_dim=12)).eval()
+    randomize(model)
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]).bool()
+    with torch.no_grad():
+        out = model(x, 7, context, context_mask=keep)
+        assert not torch.allclose(out, model(x, 7, -context, context_mask=keep), atol=1e-4)
+        # what the mask hides cannot matter: new values in the padding leave the output alone
+        noisy = torch.where(keep[..., None], context, torch.randn(2, 5, 12, generator=g))
+        torch.testing.assert_close(model(x, 7, noisy, context_mask=keep), out)
+        assert not torch.allclose(model(x, 7, noisy), out, atol=1e-4)
+    with pytest.raises(ValueError, match="context_mask without a context"):
+        UNetModel(TINY)(x, 7, context_mask=keep)
+
+
 # ----- helpful errors -------------------------------------------------------------------------
 def test_bad_inputs_raise_helpful_errors() -> None:
     model = UNetModel(TINY)

@@ -15,6 +15,7 @@ import torch
 
 from minisd import unet as unet_module
 from minisd.cli.options import add_device_and_seed
+from minisd.conditioning import ConditionedUNet
 from minisd.course import get_device, hardware
 from minisd.data import LOADERS, load_dataset
 from minisd.diffusion import PREDICTIONS, diffusion_loss_fn
@@ -29,14 +30,43 @@ from minisd.train import TrainConfig, fit
 PRESETS = ("TINY", "MNIST", "CIFAR")
 
 
-def _unet_config(args: argparse.Namespace, in_channels: int) -> unet_module.UNetConfig:
+def _unet_config(
+    args: argparse.Namespace, in_channels: int, context_dim: int | None = None
+) -> unet_module.UNetConfig:
     cfg = getattr(unet_module, args.preset)
     changes: dict[str, object] = {"in_channels": in_channels, "out_channels": in_channels}
     if args.attention_resolutions is not None:
         changes["attention_resolutions"] = tuple(args.attention_resolutions)
     if args.class_cond:
         changes["num_classes"] = 10
+    if context_dim is not None:
+        changes["context_dim"] = context_dim
+    if args.scale_shift_norm:
+        changes["use_scale_shift_norm"] = True
     return dataclasses.replace(cfg, **changes)
+
+
+def _text_conditioner(args: argparse.Namespace, labels: torch.Tensor):
+    """The text conditioner --text-encoder asks for, and the training captions' token ids: one
+    caption per image, its phrasing drawn from the training templates with --seed."""
+    from minisd.conditioning import TextConditioner
+    from minisd.text import (
+        TRAIN_TEMPLATES,
+        PretrainedTextEncoder,
+        TransformerTextConfig,
+        TransformerTextEncoder,
+        random_captions,
+    )
+
+    if args.class_cond:
+        raise ValueError("--class-cond and --text-encoder are two conditions: choose one")
+    if args.text_encoder == "minilm":
+        encoder = PretrainedTextEncoder(args.text_encoder_path, args.text_max_length)
+    else:
+        encoder = TransformerTextEncoder(TransformerTextConfig(max_length=args.text_max_length))
+    conditioner = TextConditioner(encoder)
+    captions = random_captions(labels, TRAIN_TEMPLATES, torch.Generator().manual_seed(args.seed))
+    return conditioner, conditioner.batch(captions, len(captions))
 
 
 def _init_from(args: argparse.Namespace, model: torch.nn.Module, schedule: NoiseSchedule) -> dict:
@@ -57,6 +87,11 @@ def _init_from(args: argparse.Namespace, model: torch.nn.Module, schedule: Noise
             ),
             ("prediction", bundle.prediction, args.prediction),
             ("latent model", bundle.is_latent, bool(args.latent_vae)),
+            (
+                "text encoder",
+                (bundle.metadata.get("text_encoder") or {}).get("kind"),
+                {"minilm": "pretrained", "joint": "transformer"}.get(args.text_encoder),
+            ),
         )
         if theirs != ours
     ]
@@ -66,7 +101,9 @@ def _init_from(args: argparse.Namespace, model: torch.nn.Module, schedule: Noise
             + "; ".join(mismatch)
             + "); pass the --preset/--schedule/--prediction flags it was trained with"
         )
-    model.load_state_dict(bundle.unet.state_dict())
+    getattr(model, "unet", model).load_state_dict(bundle.unet.state_dict())
+    if args.text_encoder == "joint":  # the jointly trained encoder goes on from its weights too
+        model.conditioner.encoder.load_state_dict(bundle.conditioner.encoder.state_dict())
     sidecar = bundle.metadata["sidecar"]
     print(f"starting from the weights of {args.init_from} ({sidecar.get('steps', '?')} steps)")
     return {
@@ -85,8 +122,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         cache = Path(args.run_dir) / "latents.safetensors" if args.run_dir else None
         samples = cached_latents(vae, images, cache) if cache else encode_images(vae, images)
         print(f"training on latents {tuple(samples.shape[1:])} of {args.latent_vae}")
-    cfg = _unet_config(args, samples.shape[1])
+    conditioner, ids = (None, None)
+    if args.text_encoder:
+        conditioner, ids = _text_conditioner(args, labels)
+    cfg = _unet_config(args, samples.shape[1], conditioner and conditioner.encoder.dim)
     model = unet_module.UNetModel(cfg)
+    if args.text_encoder == "joint":  # the encoder learns with the U-Net, as one module
+        model = ConditionedUNet(model, conditioner)
     schedule = NoiseSchedule(args.schedule, args.timesteps)
     init = _init_from(args, model, schedule) if args.init_from else None
     config = TrainConfig(
@@ -99,21 +141,24 @@ def cmd_train(args: argparse.Namespace) -> None:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
+    device = get_device(args.device)
+    frozen = conditioner if args.text_encoder == "minilm" else None
     loss_fn = diffusion_loss_fn(
         schedule,
         args.prediction,
-        args.class_dropout if args.class_cond else 0.0,
+        args.class_dropout if args.class_cond or conditioner else 0.0,
         args.min_snr_gamma,
+        conditioner=frozen and frozen.to(device),
     )
     data = (samples, labels) if args.class_cond else (samples,)
+    if conditioner is not None:
+        data = (samples, ids)
     n_params = count_parameters(model)
     commands = run_commands(args)
     print(
         f"training a {n_params / 1e6:.2f}M-parameter U-Net on {len(images)} {args.dataset} images"
     )
-    result = fit(
-        model, loss_fn, data, config, args.run_dir, args.resume, device=get_device(args.device)
-    )
+    result = fit(model, loss_fn, data, config, args.run_dir, args.resume, device=device)
     print(
         f"done: {result.step} steps, {result.seconds:.0f} s, "
         f"last loss {result.history[-1]['loss']:.4f}"
@@ -122,7 +167,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         export = Path(args.export)
         image_size = images.shape[-1] if vae is not None else None
         save_diffusion(
-            export, result.sampling_model, schedule, args.prediction, vae=vae, image_size=image_size
+            export,
+            result.sampling_model,
+            schedule,
+            args.prediction,
+            vae=vae,
+            image_size=image_size,
+            conditioner=frozen,
         )
         sidecar = {
             "commands": (init["commands"] if init else []) + commands,
@@ -133,6 +184,10 @@ def cmd_train(args: argparse.Namespace) -> None:
             "prediction": args.prediction,
             "min_snr_gamma": args.min_snr_gamma,
             "dataset": args.dataset,
+            "text_encoder": args.text_encoder,
+            "captions": "one per image: minisd.text.random_captions(labels, TRAIN_TEMPLATES, seed)"
+            if conditioner
+            else None,
             "latent_vae": args.latent_vae,
             "steps": result.step + (init["steps"] if init else 0),
             "seconds": round(result.seconds) + (init["seconds"] if init else 0),
@@ -157,11 +212,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
     model = load_diffusion(args.checkpoint, device=get_device(args.device))
     steps = model.schedule.num_timesteps if args.sampler == "ddpm" else args.steps
     config = model.sampler_config(args.sampler, steps, eta=args.eta, variance=args.variance)
-    if args.label is not None and model.conditioner is None:
-        raise ValueError(f"--label: {args.checkpoint} is not class-conditional; leave it out")
+    from minisd.conditioning import ClassConditioner, TextConditioner
+
+    kinds = {"--label": (args.label, ClassConditioner), "--prompt": (args.prompt, TextConditioner)}
+    for flag, (value, kind) in kinds.items():
+        if value is not None and not isinstance(model.conditioner, kind):
+            what = "class-conditional" if flag == "--label" else "text-conditioned"
+            raise ValueError(f"{flag}: {args.checkpoint} is not {what}; leave it out")
+    cond = args.label if args.label is not None else args.prompt
     print(f"sampling {args.n} images with {config.name}")
     images = generate(model, args.n, config, args.seed, image_size=args.size, progress=True,
-                      cond=args.label)  # fmt: skip
+                      cond=cond)  # fmt: skip
     if args.out:
         show_images(images, nrow=int(args.n**0.5 + 0.999), size=0.6)
         plt.savefig(args.out, bbox_inches="tight", dpi=100)
@@ -170,9 +231,27 @@ def cmd_sample(args: argparse.Namespace) -> None:
         torch.save(images, args.save_tensor)
 
 
+def _store_metrics(args, model, result: dict, ok: bool, why: str, **extra) -> None:
+    """Write a `score` result, its bar and any extra measurements into the model's sidecar."""
+    from minisd.pretrained import write_metrics
+
+    metrics = {
+        "command": command_line(args),
+        "sampler": result["name"],
+        "seconds_per_sample": round(result["seconds_per_sample"], 4),
+        "hardware": hardware(),
+        **extra,
+        "samples": result["report"],
+        "real_baseline": result["baseline"],
+        "meets_bar": ok,
+        "bar": why,
+    }
+    sidecar_path = write_metrics(args.checkpoint, metrics, model.metadata["weights_sha256"])
+    print(f"wrote metrics into {sidecar_path}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from minisd.evaluation import meets_recognisability_bar, report_from_dict, score
-    from minisd.pretrained import write_metrics
 
     model = load_diffusion(args.checkpoint, device=get_device(args.device))
     result = score(model, args.n, model.sampler_config("ddim", args.steps), seed=args.seed)
@@ -181,18 +260,44 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ok, why = meets_recognisability_bar(report)
     print(f"recognisability bar: {'met' if ok else 'NOT met'}: {why}")
     if args.write_sidecar:
-        metrics = {
-            "command": command_line(args),
-            "sampler": result["name"],
-            "seconds_per_sample": round(result["seconds_per_sample"], 4),
-            "hardware": hardware(),
-            "samples": result["report"],
-            "real_baseline": result["baseline"],
-            "meets_bar": ok,
-            "bar": why,
-        }
-        sidecar_path = write_metrics(args.checkpoint, metrics, model.metadata["weights_sha256"])
-        print(f"wrote metrics into {sidecar_path}")
+        _store_metrics(args, model, result, ok, why)
+
+
+def cmd_evaluate_text(args: argparse.Namespace) -> None:
+    from minisd.classifier import load_classifier
+    from minisd.evaluation import TEXT_ACCURACY_BAR, report_from_dict, score, text_accuracy
+    from minisd.metrics import reference_features
+    from minisd.text import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
+
+    model = load_diffusion(args.checkpoint, device=get_device(args.device))
+    if "text_encoder" not in model.metadata:
+        raise ValueError(f"{args.checkpoint} is not a text-conditioned model; use `evaluate`")
+    config = model.sampler_config("ddim", args.steps)
+    classifier = load_classifier()
+    rows = {}
+    for name, templates in (("standard", TRAIN_TEMPLATES), ("held_out", HELD_OUT_TEMPLATES)):
+        rows[name] = text_accuracy(
+            model, templates, args.n_per_digit, config, args.seed, classifier, progress=True
+        )
+        per_digit = " ".join(f"{a:.0%}" for a in rows[name]["per_digit"])
+        print(f"{name:>9} captions: accuracy {rows[name]['accuracy']:.1%} ({per_digit})")
+    # sample quality with the empty prompt (the null condition): the unconditional model
+    result = score(
+        model, args.n_unconditional, config, args.seed, classifier=classifier,
+        reference=reference_features(classifier),
+    )  # fmt: skip
+    report, baseline = report_from_dict(result["report"]), report_from_dict(result["baseline"])
+    print("unconditional (empty prompt):")
+    print(report.table(baseline))
+    ok = rows["standard"]["accuracy"] >= TEXT_ACCURACY_BAR
+    why = (
+        f"conditional accuracy {rows['standard']['accuracy']:.1%} on the training phrasings "
+        f"(need >= {TEXT_ACCURACY_BAR:.0%}) at guidance scale 1; held-out phrasings "
+        f"{rows['held_out']['accuracy']:.1%} (reported, no bar)"
+    )
+    print(f"text bar: {'met' if ok else 'NOT met'}: {why}")
+    if args.write_sidecar:
+        _store_metrics(args, model, result, ok, why, guidance_scale=1.0, text=rows)
 
 
 def cmd_compare_samplers(args: argparse.Namespace) -> None:
@@ -247,7 +352,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--latent-vae", default=None, help="autoencoder checkpoint: train on its latents"
     )
     t.add_argument(
-        "--class-dropout", type=float, default=0.1, help="p(label -> null) with --class-cond"
+        "--class-dropout",
+        "--cond-dropout",
+        type=float,
+        default=0.1,
+        help="p(condition -> null) with --class-cond or --text-encoder",
+    )
+    t.add_argument(
+        "--text-encoder",
+        choices=("minilm", "joint"),
+        default=None,
+        help="condition on MNIST captions: a frozen pretrained MiniLM, or a small transformer "
+        "trained jointly with the U-Net",
+    )
+    t.add_argument("--text-encoder-path", default=None, help="another pretrained BERT folder")
+    t.add_argument("--text-max-length", type=int, default=16, help="tokens per prompt")
+    t.add_argument(
+        "--scale-shift-norm",
+        action="store_true",
+        help="adaptive normalization: the embedding scales and shifts GroupNorm",
     )
     t.add_argument("--schedule", choices=SCHEDULE_KINDS, default="linear")
     t.add_argument("--timesteps", type=int, default=1000)
@@ -288,6 +411,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--label", type=int, default=None, help="class to draw (class-conditional models)"
     )
+    s.add_argument(
+        "--prompt", default=None, help='what to draw (text models), e.g. "a handwritten 7"'
+    )
     s.add_argument("--out", default="samples.png")
     s.add_argument("--save-tensor", default=None, help="also save the samples as a .pt tensor")
     add_device_and_seed(s)
@@ -300,6 +426,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--write-sidecar", action="store_true", help="store the metrics in its JSON")
     add_device_and_seed(e)
     e.set_defaults(func=cmd_evaluate)
+
+    et = sub.add_parser(
+        "evaluate-text",
+        help="a text model: accuracy of the prompted digit (training and held-out phrasings), "
+        "and unconditional sample quality",
+    )
+    et.add_argument("--checkpoint", required=True)
+    et.add_argument("--n-per-digit", type=int, default=100)
+    et.add_argument("--n-unconditional", type=int, default=1000)
+    et.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    et.add_argument("--write-sidecar", action="store_true", help="store the metrics in its JSON")
+    add_device_and_seed(et)
+    et.set_defaults(func=cmd_evaluate_text)
 
     c = sub.add_parser("compare-samplers", help="DDPM vs DDIM: time per sample and sample quality")
     c.add_argument("--checkpoint", required=True)
