@@ -112,6 +112,9 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
 
 
 # ----- tokenizers -----------------------------------------------------------------------------
+# Tokens per prompt for the course's encoders: MNIST captions take 4-14 WordPiece tokens with
+# [CLS] and [SEP]; 32 leaves room for longer phrasings before anything is truncated.
+TEXT_MAX_LENGTH = 32
 # CLIP's special tokens and context length, as SD v1 uses them.
 CLIP_BOS_ID, CLIP_EOS_ID, CLIP_MAX_LENGTH = 49406, 49407, 77
 
@@ -246,7 +249,7 @@ def _quiet_transformers():
 class PretrainedTextEncoder(TextEncoder):
     """A frozen pretrained BERT-family encoder: its last hidden states, one per token."""
 
-    def __init__(self, name_or_path: str | None = None, max_length: int = 16) -> None:
+    def __init__(self, name_or_path: str | None = None, max_length: int = TEXT_MAX_LENGTH) -> None:
         super().__init__()
         from transformers import AutoModel
 
@@ -314,7 +317,7 @@ class TransformerTextConfig:
     dim: int = 128
     depth: int = 2
     heads: int = 4
-    max_length: int = 16
+    max_length: int = TEXT_MAX_LENGTH
     dropout: float = 0.0
 
     def __post_init__(self) -> None:

@@ -328,3 +328,45 @@ def test_live_check_fails_for_latent_ddpm_weights_perturbed_by_5_percent():
     perturb_(model.unet)
     _, probs = live_draw(model, check)
     assert confident_fraction(probs) < check.bar
+
+
+# ----- the text-to-MNIST model (lesson 04) ------------------------------------------------------
+TEXT = CHECKPOINTS / "ldm_text_mnist.safetensors"
+
+
+@needs(TEXT)
+def test_shipped_text_model_records_its_accuracy_on_both_phrasing_sets():
+    from minisd.evaluation import TEXT_ACCURACY_BAR
+    from minisd.text import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
+
+    sidecar, metrics = measured(TEXT, "evaluate-text")
+    standard, held_out = metrics["text"]["standard"], metrics["text"]["held_out"]
+    assert standard["templates"] == list(TRAIN_TEMPLATES)
+    assert held_out["templates"] == list(HELD_OUT_TEMPLATES)
+    assert standard["n"] == held_out["n"] == 1000  # 100 samples per digit each
+    assert metrics["guidance_scale"] == 1.0
+    assert metrics["meets_bar"] == (standard["accuracy"] >= TEXT_ACCURACY_BAR)
+    assert abs(sum(standard["per_digit"]) / 10 - standard["accuracy"]) < 1e-6
+    assert metrics["samples"]["n"] == metrics["real_baseline"]["n"] >= 1000  # the empty prompt
+    assert sidecar["text_encoder"] == "minilm" and sidecar["latent_vae"].endswith("f4.safetensors")
+    assert all("--text-encoder minilm" in c for c in sidecar["commands"])
+
+
+@pytest.mark.slow  # draws 200 samples of the shipped text model
+@needs_classifier
+@needs(TEXT)
+def test_shipped_text_model_draws_the_digit_it_is_asked_for():
+    from minisd.evaluation import conditional_accuracy, prompts_per_digit
+    from minisd.text import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
+
+    model = load_diffusion(TEXT)
+    stored = measured(TEXT, "evaluate-text")[1]["text"]
+    config = model.sampler_config("ddim", 50)
+    for split, templates in (("standard", TRAIN_TEMPLATES), ("held_out", HELD_OUT_TEMPLATES)):
+        # another seed and other prompts than the stored measurement's: 10 per digit
+        prompts, digits = prompts_per_digit(templates[::-1], 10)
+        live = conditional_accuracy(model, prompts, digits, config, seed=7)["accuracy"]
+        assert live >= stored[split]["accuracy"] - 0.1, (split, live, stored[split]["accuracy"])
+    # the empty prompt still draws every digit
+    samples = generate(model, 100, config, seed=7)
+    assert len(set(classify(load_classifier(), samples)[1].argmax(-1).tolist())) == 10

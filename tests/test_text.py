@@ -111,32 +111,32 @@ def test_wordpiece_splits_words_clip_bpe_does_not_need_to() -> None:
 
 # ----- encoders -------------------------------------------------------------------------------
 def test_pretrained_encoder_is_frozen_deterministic_and_one_vector_per_token(minilm) -> None:
-    assert minilm.dim == 384 and minilm.max_length == 16
+    assert minilm.dim == 384 and minilm.max_length == 32
     assert not any(p.requires_grad for p in minilm.parameters())
     minilm.train()  # the owner's mode must not switch on its dropout
     a = minilm.encode(["a handwritten digit seven", "the number 7"])
     b = minilm.encode(["the number 7", "a handwritten digit seven"])
-    assert a.shape == (2, 16, 384)
+    assert a.shape == (2, 32, 384)
     torch.testing.assert_close(a, b.flip(0))
     ids = minilm.tokenize(["the number 7"])
     mask = minilm.attention_mask(ids)
-    assert mask[0].tolist() == [True] * 5 + [False] * 11  # [CLS] the number 7 [SEP]
+    assert mask[0].tolist() == [True] * 5 + [False] * 27  # [CLS] the number 7 [SEP]
     # padding does not leak into the real tokens: a longer pad gives the same vectors
-    longer = PretrainedTextEncoder(max_length=24)
+    longer = PretrainedTextEncoder(max_length=40)
     torch.testing.assert_close(longer.encode("the number 7")[:, :5], a[1:, :5])
 
 
 def test_long_prompts_are_truncated_with_a_warning_and_bad_prompts_refused(minilm) -> None:
-    with pytest.warns(UserWarning, match="longer than the encoder's 16 tokens"):
-        ids = minilm.tokenize("seven " * 30)
-    assert ids.shape == (1, 16)
+    with pytest.warns(UserWarning, match="longer than the encoder's 32 tokens"):
+        ids = minilm.tokenize("seven " * 40)
+    assert ids.shape == (1, 32)
     with pytest.raises(ValueError, match="empty list of prompts"):
         minilm.tokenize([])
     with pytest.raises(TypeError, match=re.escape("caption(7)")):
         minilm.tokenize(["seven", 7])
     with pytest.raises(TypeError, match="string or a list of strings"):
         minilm.tokenize(torch.tensor([7]))
-    with pytest.raises(ValueError, match=r"shape \(B, 16\)"):
+    with pytest.raises(ValueError, match=r"shape \(B, 32\)"):
         minilm(torch.zeros(2, 8, dtype=torch.long))
 
 
@@ -153,7 +153,7 @@ def test_jointly_trained_encoder_masks_padding_and_learns() -> None:
     enc = TransformerTextEncoder(TransformerTextConfig(dim=32, depth=1, heads=2))
     ids = enc.tokenize(["seven", "the number 7"])
     out = enc(ids)
-    assert out.shape == (2, 16, 32)
+    assert out.shape == (2, 32, 32)
     # the padding's embedding cannot change a real token's vector: it is masked out
     with torch.no_grad():
         enc.token_emb.weight[enc.pad_id] += 5.0
@@ -167,7 +167,7 @@ def test_jointly_trained_encoder_masks_padding_and_learns() -> None:
 def test_text_conditioner_batches_drops_and_caches(minilm) -> None:
     cond = TextConditioner(minilm)
     ids = cond.batch(["seven", "two", "one"], 3)
-    assert ids.shape == (3, 16) and torch.equal(cond.batch(ids, 3), ids)
+    assert ids.shape == (3, 32) and torch.equal(cond.batch(ids, 3), ids)
     assert torch.equal(cond.batch("seven", 3), cond.batch(["seven"] * 3, 3))
     null = cond.batch(None, 2)
     assert torch.equal(null, minilm.tokenize(["", ""]))

@@ -1,6 +1,6 @@
 """The command line, `python -m minisd COMMAND`: one module per command group.
 
-    diffusion:   train, sample, evaluate, compare-samplers
+    diffusion:   train, sample, evaluate, evaluate-text, compare-samplers
     autoencoder: train-vae, evaluate-vae, latent-vs-pixel
 
 Shared options live in `options`; what a command records about itself in `minisd.provenance`.

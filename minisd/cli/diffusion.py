@@ -1,4 +1,5 @@
-"""Diffusion commands: train a U-Net, sample it, evaluate it, compare samplers.
+"""Diffusion commands: train a U-Net (pixels, latents; unconditional, class- or text-conditioned),
+sample it, evaluate it (text models: the accuracy of the prompted digit), compare samplers.
 
     python -m minisd train --dataset mnist --preset MNIST --steps 20000 --run-dir runs/ddpm \
         --export data/checkpoints/ddpm_mnist.safetensors
@@ -25,6 +26,7 @@ from minisd.provenance import command_line, run_commands
 from minisd.sampling import SAMPLERS, VARIANCES
 from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
 from minisd.summary import count_parameters
+from minisd.text import TEXT_MAX_LENGTH
 from minisd.train import TrainConfig, fit
 
 PRESETS = ("TINY", "MNIST", "CIFAR")
@@ -366,7 +368,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "trained jointly with the U-Net",
     )
     t.add_argument("--text-encoder-path", default=None, help="another pretrained BERT folder")
-    t.add_argument("--text-max-length", type=int, default=16, help="tokens per prompt")
+    t.add_argument("--text-max-length", type=int, default=TEXT_MAX_LENGTH, help="tokens per prompt")
     t.add_argument(
         "--scale-shift-norm",
         action="store_true",
