@@ -44,24 +44,31 @@ def generate(
     image_size: int = 28,
     progress: bool = False,
     cond: Any = None,
+    guidance_scale: float = 1.0,
+    negative: Any = None,
 ) -> torch.Tensor:
     """n images (n, C, H, W) in [-1, 1] on the CPU, drawn in batches from one seeded generator.
 
     The model's own sampler unless `config` (e.g. `model.sampler_config("ddim", 20)`); pixel
     models sample image_size x image_size, latent models their latent shape, decoded. cond: one
-    condition for all (a class label), n of them, or None. `python -m minisd sample` calls this.
+    condition for all (a class label, a prompt), n of them, or None; guidance_scale and negative
+    (one condition or n) as in `DiffusionModel.sample`. `python -m minisd sample` calls this.
     """
     config = config or model.sampler
     config.timesteps(model.schedule.num_timesteps)  # a bad setting fails before any work
     conds = model.condition_batch(cond, n)  # validated once, sliced per batch below
+    negatives = None if negative is None else model.condition_batch(negative, n)
     generator = torch.Generator().manual_seed(seed)
     shape = model.noise_shape(image_size)
     out = []
     for start in progress_bar(range(0, n, batch_size), progress, desc=config.name):
         b = min(batch_size, n - start)
         x_T = torch.randn(b, *shape, generator=generator).to(model.device)
-        c = None if conds is None else conds[start : start + b]
-        out.append(model.sample(x_T, config, cond=c, generator=generator).cpu())
+        c, neg = (None if v is None else v[start : start + b] for v in (conds, negatives))
+        images = model.sample(
+            x_T, config, cond=c, generator=generator, guidance_scale=guidance_scale, negative=neg
+        )
+        out.append(images.cpu())
     return torch.cat(out)
 
 

@@ -105,14 +105,32 @@ class DiffusionModel:
 
         return decode_images(self.vae, x, self.image_size)
 
+    @torch.no_grad()
+    def _model_fn(self, x: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
+        return self.unet(x, t, **model_kwargs)  # eps or v, as the model predicts
+
     def eps_fn(self, **model_kwargs: Any) -> EpsFn:
         """The callable samplers take: eps_theta(x_t, t), whatever the model predicts."""
 
-        @torch.no_grad()
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.unet(x, t, **model_kwargs)
+            return self._model_fn(x, t, **model_kwargs)
 
         return model_fn if self.prediction == "eps" else v_to_eps_fn(model_fn, self.schedule)
+
+    def guided_eps_fn(self, cond: Any, n: int, scale: float = 1.0, negative: Any = None) -> EpsFn:
+        """The eps_fn for n samples under `cond`, with classifier-free guidance at `scale`
+        (1: none; see `minisd.guidance`); `negative`: a condition to steer away from in place
+        of the null one. The outputs are combined before a v-model's are turned into noise
+        (the two are linear, so it is the same)."""
+        from minisd.guidance import check_scale, classifier_free
+
+        scale, kwargs = check_scale(scale), self.condition(cond, n)
+        if scale == 1.0:
+            return self.eps_fn(**kwargs)
+        if self.conditioner is None:
+            raise ValueError(f"guidance scale {scale}: this model is unconditional; use scale 1")
+        guided = classifier_free(self._model_fn, kwargs, self.condition(negative, n), scale)
+        return guided if self.prediction == "eps" else v_to_eps_fn(guided, self.schedule)
 
     def condition_batch(self, cond: Any, n: int) -> torch.Tensor | None:
         """n conditions as one tensor on the model's device (the conditioner's `batch`), which
@@ -140,11 +158,14 @@ class DiffusionModel:
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
         progress: bool = False,
+        guidance_scale: float = 1.0,
+        negative: Any = None,
     ) -> torch.Tensor:
         """Images in [-1, 1] from noise x_T: sample (this model's sampler unless `config`),
-        decode latents, clamp. cond: a class label or one per sample; None is the null one."""
+        decode latents, clamp. cond: a label or prompt, or one per sample; None is the null one.
+        guidance_scale (1: none) and negative: classifier-free guidance (`guided_eps_fn`)."""
         config = config or self.sampler
-        eps_fn = self.eps_fn(**self.condition(cond, len(x_T)))
+        eps_fn = self.guided_eps_fn(cond, len(x_T), guidance_scale, negative)
         x0 = config.sample(
             eps_fn, x_T, self.schedule, generator=generator, callback=callback, progress=progress
         )

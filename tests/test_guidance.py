@@ -1,0 +1,119 @@
+"""Classifier-free guidance: the formula, one batched pass, its two ends, negatives, bad input."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from helpers import randomize
+
+from minisd.guidance import check_scale, classifier_free
+from minisd.pretrained import DiffusionModel
+from minisd.schedule import NoiseSchedule
+from minisd.unet import TINY, UNetModel
+
+CLASS_UNET = dataclasses.replace(TINY, in_channels=1, out_channels=1, num_classes=10)
+
+
+def class_model(prediction: str = "eps") -> DiffusionModel:
+    torch.manual_seed(0)
+    unet = UNetModel(CLASS_UNET).eval()
+    randomize(unet, std=0.1)
+    return DiffusionModel(unet, NoiseSchedule("linear", 50), prediction, {})
+
+
+def test_guidance_extrapolates_from_the_unconditional_prediction():
+    calls = []
+
+    def model_fn(x, t, y):  # eps depends on the label linearly: easy to predict by hand
+        calls.append(len(x))
+        return x * 0 + y.float()[:, None]
+
+    x, t = torch.zeros(3, 2), torch.tensor([5, 5, 5])
+    cond, null = {"y": torch.tensor([7, 7, 7])}, {"y": torch.tensor([10, 10, 10])}
+    for s in (0.0, 1.0, 2.5, 7.5):
+        eps = classifier_free(model_fn, cond, null, s)(x, t)
+        assert torch.allclose(eps, torch.full((3, 2), 10 + s * (7 - 10)))
+    # Ho & Salimans' weight w is SD's scale minus one: (1 + w) eps_c - w eps_u
+    w = 1.5
+    assert torch.allclose(classifier_free(model_fn, cond, null, 1 + w)(x, t),
+                          torch.full((3, 2), (1 + w) * 7 - w * 10))  # fmt: skip
+    assert calls[:4] == [3, 3, 6, 6]  # scales 0 and 1 need one half; others one batch of 2B
+
+
+def test_batched_guidance_equals_two_separate_passes():
+    model = class_model()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([3, 10, 30, 49])
+    cond, null = model.condition([1, 2, 3, 4], 4), model.condition(None, 4)
+    with torch.no_grad():
+        eps_c, eps_u = model.unet(x, t, **cond), model.unet(x, t, **null)
+    guided = classifier_free(model._model_fn, cond, null, 4.0)(x, t)
+    torch.testing.assert_close(guided, eps_u + 4.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(guided, eps_c, atol=1e-3)
+
+
+def test_scale_one_is_the_conditional_model_and_zero_the_unconditional():
+    model = class_model()
+    config = model.sampler_config("ddim", 5)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    plain = model.sample(x_T, config, cond=3)
+    assert torch.equal(model.sample(x_T, config, cond=3, guidance_scale=1.0), plain)
+    null = model.sample(x_T, config, cond=None)
+    assert torch.equal(model.sample(x_T, config, cond=3, guidance_scale=0.0), null)
+    guided = model.sample(x_T, config, cond=3, guidance_scale=3.0)
+    assert not torch.allclose(guided, plain, atol=1e-3)
+    # the negative condition replaces the null one: guiding 3 away from 3 is just 3
+    same = model.sample(x_T, config, cond=3, guidance_scale=3.0, negative=3)
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+    assert not torch.allclose(model.sample(x_T, config, cond=3, guidance_scale=3.0, negative=5),
+                              guided, atol=1e-3)  # fmt: skip
+
+
+def test_guiding_a_v_model_combines_before_converting_to_noise():
+    model = class_model("v")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 40])
+    guided = model.guided_eps_fn([1, 2], 2, 2.0)(x, t)
+    eps_c = model.eps_fn(**model.condition([1, 2], 2))(x, t)
+    eps_u = model.eps_fn(**model.condition(None, 2))(x, t)
+    torch.testing.assert_close(guided, eps_u + 2.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
+
+
+def test_generate_passes_guidance_and_per_sample_negatives_through_its_batches():
+    from minisd.evaluation import generate
+
+    model = class_model()
+    config = model.sampler_config("ddim", 4)
+    whole = generate(model, 6, config, image_size=8, cond=2, guidance_scale=2.0,
+                     negative=[0, 1, 2, 3, 4, 5])  # fmt: skip
+    parts = generate(model, 6, config, image_size=8, cond=2, guidance_scale=2.0,
+                     negative=[0, 1, 2, 3, 4, 5], batch_size=4)  # fmt: skip
+    assert whole.shape == parts.shape == (6, 1, 8, 8)
+    plain = generate(model, 6, config, image_size=8, cond=2)
+    torch.testing.assert_close(whole[2], plain[2], atol=1e-5, rtol=0)  # negative 2 = cond 2
+
+
+@pytest.mark.parametrize(
+    ("scale", "error", "match"),
+    [
+        (math.nan, ValueError, "finite and >= 0"),
+        (-1.0, ValueError, "finite and >= 0"),
+        (math.inf, ValueError, "finite"),
+        ("high", TypeError, "must be a number"),
+        (None, TypeError, "must be a number"),
+    ],
+)
+def test_bad_scales_say_what_is_expected(scale, error, match):
+    with pytest.raises(error, match=match):
+        check_scale(scale)
+    with pytest.raises(error, match=match):
+        class_model().sample(torch.randn(1, 1, 8, 8), cond=1, guidance_scale=scale)
+
+
+def test_guidance_needs_a_conditional_model_and_matching_arguments():
+    unet = UNetModel(dataclasses.replace(TINY, in_channels=1, out_channels=1)).eval()
+    model = DiffusionModel(unet, NoiseSchedule("linear", 10), "eps", {})
+    with pytest.raises(ValueError, match="unconditional; use scale 1"):
+        model.sample(torch.randn(1, 1, 8, 8), guidance_scale=2.0)
+    with pytest.raises(ValueError, match="same arguments"):
+        classifier_free(lambda x, t, **k: x, {"y": 1}, {"context": 2}, 2.0)
