@@ -14,10 +14,14 @@ Training (`diffusion_loss_fn`) and sampling (`DiffusionModel.sample`) both go th
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from minisd.latent import pad_images
 
 
 class Conditioner(Protocol):
@@ -227,3 +231,67 @@ def conditioner_for(unet: nn.Module) -> Conditioner | None:
         return ImageConditioner(config.concat_channels)
     num_classes = getattr(config, "num_classes", None)
     return None if num_classes is None else ClassConditioner(num_classes)
+
+
+# ----- the three mechanisms, side by side (notebook 04, `python -m minisd compare-conditioning`) --
+MECHANISMS = {
+    "class": "class label / adaptive norm",
+    "concat": "low-res image / concatenation",
+    "minilm": "text / cross-attention, frozen MiniLM",
+    "joint": "text / cross-attention, joint encoder",
+}
+
+
+def low_resolution(images: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """The concatenation mechanism's condition: 28x28 digits padded to 32x32 and averaged over
+    factor x factor cells, so (N, 1, 8, 8) for factor 4, aligned with the f=4 latents."""
+    if images.ndim != 4 or images.shape[-2:] != (28, 28):
+        raise ValueError(f"need MNIST images (N, C, 28, 28), got {tuple(images.shape)}")
+    return F.avg_pool2d(pad_images(images, 32), factor)
+
+
+def mechanism(name: str, base, text_max_length: int | None = None) -> tuple[nn.Module, Any]:
+    """The U-Net of one conditioning mechanism, built from the `base` UNetConfig (an
+    unconditional one), and its conditioner. A jointly trained encoder comes inside the module
+    (`ConditionedUNet`), so training updates both; the others' conditioners stand apart."""
+    from minisd.text import (
+        TEXT_MAX_LENGTH,
+        PretrainedTextEncoder,
+        TransformerTextConfig,
+        TransformerTextEncoder,
+    )
+    from minisd.unet import UNetModel
+
+    if name not in MECHANISMS:
+        raise ValueError(f"unknown mechanism {name!r}: choose from {sorted(MECHANISMS)}")
+    if base.num_classes is not None or base.context_dim is not None or base.concat_channels:
+        raise ValueError("base must be an unconditional UNetConfig: each mechanism adds its own")
+    length = text_max_length or TEXT_MAX_LENGTH
+    if name == "class":
+        cfg = dataclasses.replace(base, num_classes=10, use_scale_shift_norm=True)
+        return UNetModel(cfg), ClassConditioner(10)
+    if name == "concat":
+        cfg = dataclasses.replace(base, in_channels=base.in_channels + 1, concat_channels=1)
+        return UNetModel(cfg), ImageConditioner(1)
+    if name == "minilm":
+        encoder = PretrainedTextEncoder(max_length=length)
+    else:
+        encoder = TransformerTextEncoder(TransformerTextConfig(max_length=length))
+    conditioner = TextConditioner(encoder)
+    unet = UNetModel(dataclasses.replace(base, context_dim=encoder.dim))
+    return (ConditionedUNet(unet, conditioner) if name == "joint" else unet), conditioner
+
+
+def mechanism_conditions(
+    name: str, conditioner: Any, labels: torch.Tensor, images: torch.Tensor, seed: int = 0
+) -> torch.Tensor:
+    """What a mechanism is trained on, one condition per image: its label, its low-resolution
+    self, or a caption in a random training phrasing (drawn with `seed`)."""
+    from minisd.text import TRAIN_TEMPLATES, random_captions
+
+    if name == "class":
+        return conditioner.batch(labels, len(labels))
+    if name == "concat":
+        return conditioner.batch(low_resolution(images), len(images))
+    captions = random_captions(labels, TRAIN_TEMPLATES, torch.Generator().manual_seed(seed))
+    return conditioner.batch(captions, len(captions))

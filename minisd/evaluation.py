@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -215,9 +215,16 @@ def conditional_accuracy(
 ) -> dict:
     """Sample one image per condition (labels, prompts, images) and compare the classifier's
     reading with the digit each condition asks for: accuracy overall and per digit."""
-    classifier = classifier or load_classifier()
     digits = torch.as_tensor(digits).long().cpu()
     images = generate(model, len(digits), config, seed, progress=progress, cond=cond)
+    return digit_accuracy(images, digits, classifier)
+
+
+def digit_accuracy(images: torch.Tensor, digits: torch.Tensor, classifier=None) -> dict:
+    """How often the classifier reads `digits` in `images`: overall, per digit, and how many
+    readings are confident (max probability >= 0.9)."""
+    classifier = classifier or load_classifier()
+    digits = torch.as_tensor(digits).long().cpu()
     probs = classify(classifier, images)[1]
     right = probs.argmax(1) == digits
     return {
@@ -226,6 +233,97 @@ def conditional_accuracy(
         "confident_fraction": (probs.max(1).values >= 0.9).float().mean().item(),
         "n": len(digits),
     }
+
+
+def compare_mechanisms(
+    names: Sequence[str],
+    base,
+    latents: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    vae: AutoencoderKL,
+    config,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    n_per_digit: int = 50,
+    sampler_steps: int = 20,
+    cond_dropout: float = 0.1,
+    min_snr_gamma: float | None = 5.0,
+    keep: int = 2,
+    classifier=None,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Train one U-Net per conditioning mechanism (`minisd.conditioning.MECHANISMS`) from the
+    same base config, on the same latents, for the same `config` (a `TrainConfig`: steps, batch,
+    lr, seed), then measure how often each one's samples show the digit its condition asks for.
+
+    Class labels are asked for n_per_digit times each; the low-resolution images are those of
+    the first 10 * n_per_digit test digits, scored against their labels; text models are
+    prompted with the training phrasings and, separately, the held-out ones. Returns one row per
+    mechanism and `keep` samples per digit of each (from the first accuracy it measures).
+    """
+    from minisd.conditioning import MECHANISMS, low_resolution, mechanism, mechanism_conditions
+    from minisd.course import seed_everything
+    from minisd.diffusion import diffusion_loss_fn
+    from minisd.schedule import NoiseSchedule
+    from minisd.summary import count_parameters
+    from minisd.text import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
+    from minisd.train import fit
+
+    if len(test_images) < 10 * n_per_digit:
+        raise ValueError(f"need {10 * n_per_digit} test digits, got {len(test_images)}")
+    classifier = classifier or load_classifier()
+    schedule = NoiseSchedule("linear", 1000)
+    digits = torch.arange(10).repeat_interleave(n_per_digit)
+    low_res, test_digits = low_resolution(test_images[: len(digits)]), test_labels[: len(digits)]
+    rows, kept = [], {}
+    for name in names:
+        seed_everything(config.seed)
+        module, conditioner = mechanism(name, base)
+        conditions = mechanism_conditions(name, conditioner, labels, images, config.seed)
+        joint = getattr(module, "conditioner", None) is conditioner  # it trains with the U-Net
+        loss_fn = diffusion_loss_fn(
+            schedule, "eps", cond_dropout, min_snr_gamma, None if joint else conditioner
+        )
+        result = fit(module, loss_fn, (latents, conditions), config, progress=progress,
+                     device=device)  # fmt: skip
+        net = result.sampling_model.eval()
+        model = DiffusionModel(net, schedule, "eps", {}, vae, images.shape[-1],
+                               conditioner=None if joint else conditioner)  # fmt: skip
+        sampler = model.sampler_config("ddim", sampler_steps)
+        if name in ("class", "concat"):
+            cond, wanted = (digits, digits) if name == "class" else (low_res, test_digits)
+            splits = {"condition": (cond, wanted)}
+        else:
+            splits = {
+                split: prompts_per_digit(templates, n_per_digit)
+                for split, templates in (("condition", TRAIN_TEMPLATES),
+                                         ("held_out", HELD_OUT_TEMPLATES))
+            }  # fmt: skip
+        scores = {}
+        for split, (cond, wanted) in splits.items():
+            start = time.perf_counter()
+            samples = generate(model, len(wanted), sampler, config.seed, cond=cond)
+            seconds = (time.perf_counter() - start) / len(wanted)
+            scores[split] = {**digit_accuracy(samples, wanted, classifier),
+                             "seconds_per_sample": seconds}  # fmt: skip
+            if name not in kept:  # the first `keep` samples of each digit, in digit order
+                wanted = torch.as_tensor(wanted)
+                first = [torch.nonzero(wanted == d).flatten()[:keep] for d in range(10)]
+                kept[name] = samples[torch.cat(first)].contiguous()
+        rows.append({
+            "mechanism": name,
+            "title": MECHANISMS[name],
+            "unet_config": asdict(getattr(module, "unet", module).config),
+            "parameters": count_parameters(module),
+            "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "train_steps": result.step,
+            "train_seconds": result.seconds,
+            "final_loss": result.history[-1]["loss"],
+            "accuracy": scores,
+        })  # fmt: skip
+    return rows, kept
 
 
 def save_results(

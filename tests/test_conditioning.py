@@ -128,3 +128,116 @@ def test_a_concatenated_image_steers_the_samples_end_to_end():
     bright = generate(model, 8, config, image_size=8, cond=torch.full((1, 8, 8), 0.8))
     gap = bright.mean((1, 2, 3)) - dark.mean((1, 2, 3))
     assert gap.min() > 0.1, gap
+
+
+# ----- the three mechanisms side by side (notebook 04's comparison) ---------------------------
+LATENT_BASE = dataclasses.replace(TINY, in_channels=4, out_channels=4, attention_resolutions=(1,))
+
+
+def test_each_mechanism_builds_its_unet_and_conditioner():
+    from minisd.conditioning import (
+        ConditionedUNet,
+        ImageConditioner,
+        TextConditioner,
+        mechanism,
+        mechanism_conditions,
+    )
+
+    labels = torch.tensor([3, 1, 4])
+    images = torch.rand(3, 1, 28, 28) * 2 - 1
+    unet, cond = mechanism("class", LATENT_BASE)
+    assert isinstance(cond, ClassConditioner)
+    assert unet.config.num_classes == 10 and unet.config.use_scale_shift_norm
+    assert torch.equal(mechanism_conditions("class", cond, labels, images), labels)
+    unet, cond = mechanism("concat", LATENT_BASE)
+    assert isinstance(cond, ImageConditioner)
+    assert (unet.config.in_channels, unet.config.noise_channels) == (5, 4)
+    assert mechanism_conditions("concat", cond, labels, images).shape == (3, 1, 8, 8)
+    module, cond = mechanism("joint", LATENT_BASE, text_max_length=16)
+    assert isinstance(module, ConditionedUNet) and module.conditioner is cond
+    assert isinstance(cond, TextConditioner) and cond.trainable
+    assert module.config.context_dim == cond.encoder.dim
+    ids = mechanism_conditions("joint", cond, labels, images, seed=0)
+    assert ids.shape == (3, 16)
+    assert torch.equal(ids, mechanism_conditions("joint", cond, labels, images, seed=0))
+    with pytest.raises(ValueError, match="unknown mechanism 'film'"):
+        mechanism("film", LATENT_BASE)
+    with pytest.raises(ValueError, match="unconditional"):
+        mechanism("class", dataclasses.replace(LATENT_BASE, num_classes=10))
+
+
+def test_low_resolution_is_the_blurred_digit_aligned_with_f4_latents():
+    from minisd.conditioning import low_resolution
+
+    images = -torch.ones(2, 1, 28, 28)
+    images[0, :, 2:6, 2:6] = 1.0  # one bright 4x4 cell after the 2-pixel pad: cell (1, 1)
+    low = low_resolution(images)
+    assert low.shape == (2, 1, 8, 8)
+    assert low[0, 0, 1, 1] == 1.0 and low[0, 0, 0, 0] == -1.0 and (low[1] == -1).all()
+    with pytest.raises(ValueError, match=r"\(N, C, 28, 28\)"):
+        low_resolution(torch.zeros(2, 1, 32, 32))
+
+
+@pytest.mark.slow
+def test_compare_mechanisms_trains_and_scores_each_on_one_budget():
+    from minisd.evaluation import compare_mechanisms
+    from minisd.vae import MNIST_F4, AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(dataclasses.replace(MNIST_F4, ch=8, norm_num_groups=4)).eval()
+    images = torch.rand(16, 1, 28, 28) * 2 - 1
+    labels = torch.arange(16) % 10
+    latents = torch.randn(16, 4, 8, 8)
+    config = TrainConfig(steps=2, batch_size=8, lr=1e-3, ema_decay=None)
+    rows, kept = compare_mechanisms(
+        ["class", "concat", "joint"], LATENT_BASE, latents, images, labels, vae, config,
+        images[:10], labels[:10], n_per_digit=1, sampler_steps=2, keep=1,
+    )  # fmt: skip
+    assert [r["mechanism"] for r in rows] == ["class", "concat", "joint"]
+    assert all(r["train_steps"] == 2 for r in rows)
+    assert set(rows[0]["accuracy"]) == {"condition"}  # a label has no phrasings to hold out
+    assert set(rows[2]["accuracy"]) == {"condition", "held_out"}
+    for row in rows:
+        for split in row["accuracy"].values():
+            assert 0 <= split["accuracy"] <= 1 and split["n"] == 10
+    assert rows[2]["trainable"] > rows[0]["trainable"]  # the joint encoder learns too
+    assert {k: tuple(v.shape) for k, v in kept.items()} == {
+        m: (10, 1, 28, 28) for m in ("class", "concat", "joint")
+    }
+    with pytest.raises(ValueError, match="need 20 test digits"):
+        compare_mechanisms(["class"], LATENT_BASE, latents, images, labels, vae, config,
+                           images[:10], labels[:10], n_per_digit=2)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compare_conditioning_command_writes_rows_and_samples(tmp_path, monkeypatch):
+    import json
+
+    from minisd import cli
+    from minisd.checkpoint import load_tensors
+    from minisd.cli import conditioning as conditioning_cli
+    from minisd.pretrained import save_autoencoder
+    from minisd.vae import MNIST_F4, AutoencoderKL
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 1, 28, 28, generator=g) * 2 - 1, torch.arange(20) % 10
+    monkeypatch.setattr(conditioning_cli, "load_mnist", lambda train, limit: (x[:limit], y[:limit]))
+    torch.manual_seed(0)
+    vae_path, out = tmp_path / "vae.safetensors", tmp_path / "cond.json"
+    vae = AutoencoderKL(dataclasses.replace(MNIST_F4, ch=8, norm_num_groups=4))
+    save_autoencoder(vae_path, vae)
+    cli.main(["compare-conditioning", "--vae", str(vae_path), "--preset", "TINY",
+              "--mechanisms", "concat", "class", "--steps", "2", "--batch-size", "4",
+              "--n-per-digit", "1", "--sampler-steps", "2", "--keep", "1",
+              "--out", str(out)])  # fmt: skip
+    results = json.loads(out.read_text())
+    assert [r["mechanism"] for r in results["rows"]] == ["concat", "class"]
+    assert results["command"].startswith("python -m minisd compare-conditioning --vae")
+    assert results["train_config"]["steps"] == 2 and results["sampler"] == "DDIM-2"
+    kept, _ = load_tensors(out.with_suffix(".safetensors"))
+    assert {k: tuple(v.shape) for k, v in kept.items()} == dict.fromkeys(
+        ("concat", "class"), (10, 1, 28, 28)
+    )
+    with pytest.raises(ValueError, match="twice"):
+        cli.main(["compare-conditioning", "--vae", str(vae_path), "--steps", "1",
+                  "--mechanisms", "class", "class", "--out", str(out)])  # fmt: skip

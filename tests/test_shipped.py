@@ -370,3 +370,30 @@ def test_shipped_text_model_draws_the_digit_it_is_asked_for():
     # the empty prompt still draws every digit
     samples = generate(model, 100, config, seed=7)
     assert len(set(classify(load_classifier(), samples)[1].argmax(-1).tolist())) == 10
+
+
+CONDITIONING = RESULTS / "conditioning.json"
+
+
+@needs(CONDITIONING)
+def test_conditioning_comparison_trained_every_mechanism_on_one_budget():
+    from minisd.conditioning import MECHANISMS
+
+    results = load_json(CONDITIONING)
+    assert results["command"].startswith("python -m minisd compare-conditioning --vae")
+    assert (
+        results["vae_sha256"] == load_autoencoder(ROOT / results["vae"]).metadata["weights_sha256"]
+    )  # the shipped autoencoder's latents
+    rows = {r["mechanism"]: r for r in results["rows"]}
+    assert list(rows) == list(MECHANISMS)
+    assert {r["train_steps"] for r in rows.values()} == {results["train_config"]["steps"]}
+    widths = {k: v for k, v in rows["class"]["unet_config"].items() if k.endswith("mult")}
+    assert all({k: r["unet_config"][k] for k in widths} == widths for r in rows.values())
+    n = 10 * results["n_per_digit"]
+    for name, row in rows.items():
+        splits = row["accuracy"]
+        assert set(splits) == ({"condition", "held_out"} if name in ("minilm", "joint")
+                               else {"condition"})  # fmt: skip
+        assert all(s["n"] == n and s["accuracy"] > 0.1 for s in splits.values())  # beats chance
+    kept, _ = load_tensors(CONDITIONING.with_suffix(".safetensors"))
+    assert {k: tuple(v.shape[1:]) for k, v in kept.items()} == dict.fromkeys(rows, (1, 28, 28))

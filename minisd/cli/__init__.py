@@ -2,6 +2,7 @@
 
     diffusion:   train, sample, evaluate, evaluate-text, compare-samplers
     autoencoder: train-vae, evaluate-vae, latent-vs-pixel
+    conditioning: compare-conditioning
 
 Shared options live in `options`; what a command records about itself in `minisd.provenance`.
 """
@@ -15,7 +16,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minisd.cli import autoencoder, diffusion
+    from minisd.cli import autoencoder, conditioning, diffusion
 
     parser = argparse.ArgumentParser(
         prog="python -m minisd", description="minisd: Stable Diffusion built up from MNIST."
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     diffusion.add_commands(sub)
     autoencoder.add_commands(sub)
+    conditioning.add_commands(sub)
     return parser
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from minisd import vae as vae_module
-from minisd.cli.options import add_device_and_seed
+from minisd.cli.options import add_device_and_seed, check_unique
 from minisd.course import get_device, hardware, seed_everything
 from minisd.data import LOADERS, load_dataset, load_mnist
 from minisd.latent import (
@@ -157,8 +157,7 @@ def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
     from minisd.pretrained import DiffusionModel
     from minisd.schedule import NoiseSchedule
 
-    if len(set(args.spaces)) != len(args.spaces):
-        raise ValueError(f"--spaces lists a space twice: {args.spaces}")
+    check_unique("--spaces", args.spaces)
     device = get_device(args.device)
     vae = load_autoencoder(args.vae, device=device)
     images, _ = load_mnist(train=True, limit=args.limit)

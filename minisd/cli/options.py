@@ -12,3 +12,9 @@ def add_device_and_seed(parser: argparse.ArgumentParser, seed: bool = True) -> N
     )
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+
+
+def check_unique(flag: str, values: list[str]) -> None:
+    """A list option (--spaces, --mechanisms) names each choice at most once."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"{flag} lists a choice twice: {values}")
