@@ -1,4 +1,4 @@
-"""Samplers for the reverse process: DDPM ancestral sampling and DDIM.
+"""Samplers for the reverse process: DDPM ancestral sampling, DDIM and DPM-Solver++(2M).
 
 Every sampler is a pure function with one signature,
 
@@ -7,8 +7,9 @@ Every sampler is a pure function with one signature,
 
 over a callable `eps_fn(x, t) -> eps`, with t a long tensor of shape (B,) holding 0-indexed
 timesteps in [0, T-1] (as in diffusers). Which timesteps to visit is chosen by its own functions
-(`ddpm_timesteps`, `ddim_timesteps`); `SAMPLERS` maps each sampler's name to its function, and a
-frozen `SamplerConfig` holds one choice of sampler, steps and options (`SD_V1_SAMPLER` is SD's).
+(`ddpm_timesteps`, `ddim_timesteps`, `dpm_solver_timesteps`); `SAMPLERS` maps each sampler's
+name to its function, and a frozen `SamplerConfig` holds one choice of sampler, steps and
+options (`SD_V1_SAMPLER` is SD's).
 Randomness comes only from the `generator` argument, so a seeded generator makes a sample
 reproducible.
 
@@ -25,6 +26,7 @@ Notation (paper -> code). DDIM writes alpha_t for what DDPM (and this code) call
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -400,9 +402,83 @@ def sample_ddim(
     return x
 
 
+# ----- DPM-Solver++(2M) -------------------------------------------------------------------------
+def dpm_solver_timesteps(
+    num_train_timesteps: int, num_steps: int, spacing: str = "linspace", steps_offset: int = 0
+) -> torch.Tensor:
+    """Descending (num_steps,) timesteps as diffusers' DPMSolverMultistepScheduler chooses them.
+
+    Its last step goes to the clean sample (sigma = 0), so "linspace" and "leading" lay out
+    num_steps + 1 points as DDIM would and drop the cleanest one; "trailing" is DDIM's.
+    """
+    if spacing == "trailing":
+        return ddim_timesteps(num_train_timesteps, num_steps, spacing)
+    if not isinstance(num_steps, int) or not 1 <= num_steps < num_train_timesteps:
+        raise ValueError(
+            f"num_steps must be an int in [1, {num_train_timesteps - 1}] for {spacing} spacing, "
+            f"got {num_steps!r}; pick fewer sampling steps"
+        )
+    return ddim_timesteps(num_train_timesteps, num_steps + 1, spacing, steps_offset)[:-1]
+
+
+@torch.no_grad()
+def sample_dpm_solver(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Sequence[int] | torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    order: int = 2,
+    clip_x0: float | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++ (Lu et al. 2022), multistep, of order 1 or 2 ("2M"): about as good in 20
+    steps as DDIM in 50. `dpm_solver_timesteps(T, 20)` gives diffusers' default steps.
+
+    The probability-flow ODE is solved in lambda = log(alpha / sigma) (alpha = sqrt(ab),
+    sigma = sqrt(1 - ab)), where its linear part is exact: from x_s to x_t with h = lambda_t -
+    lambda_s,  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D,  where D is the predicted
+    x0 (order 1: exactly DDIM's step) or, order 2, the x0 prediction extrapolated along lambda
+    with the previous step's, D = x0 + (x0 - x0_prev) h / (2 h_prev) (the "midpoint" form of
+    diffusers). The first step has no previous prediction and the last one, to sigma = 0, needs
+    none: both are first order. No randomness: `generator` is accepted for the one signature.
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2 (DPM-Solver++ 1 is DDIM; 2M), got {order!r}")
+    _check_clip(clip_x0)
+    ts = _check_sequence(schedule, timesteps)
+    ab = schedule.alphas_cumprod.to(torch.float64)
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    lam = alpha.log() - sigma.log()  # log signal-to-noise ratio / 2, rising towards t = 0
+    x, x0_prev, h_prev = x_T, None, None
+    for i, t in enumerate(progress_bar(ts, progress, desc=f"DPM++{order}M")):
+        eps, t_batch = _call_eps_fn(eps_fn, x, t)
+        x0_pred = _predict_x0(schedule, x, eps, t_batch, clip_x0)
+        if i == len(ts) - 1:  # to sigma = 0: e^{-h} = 0, so x_t = D = x0_pred
+            x_prev, h = x0_pred, None
+        else:
+            s, t_next = t, ts[i + 1]
+            h = (lam[t_next] - lam[s]).item()
+            d = x0_pred
+            if order == 2 and x0_prev is not None:
+                d = x0_pred + (x0_pred - x0_prev) * (h / (2 * h_prev))
+            ratio, coef = (sigma[t_next] / sigma[s]).item(), (alpha[t_next] * math.expm1(-h)).item()
+            x_prev = ratio * x - coef * d
+        if callback is not None:
+            callback({"i": i, "t": t, "x_t": x, "x0_pred": x0_pred, "eps": eps, "x_prev": x_prev})
+        x, x0_prev, h_prev = x_prev, x0_pred, h
+    return x
+
+
 # ----- the one list of samplers, and one choice of sampler and options --------------------------
 Sampler = Callable[..., torch.Tensor]
-SAMPLERS: dict[str, Sampler] = {"ddim": sample_ddim, "ddpm": sample_ddpm}
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
+    "dpm++2m": sample_dpm_solver,
+}
 
 
 @dataclass(frozen=True)
@@ -417,7 +493,7 @@ class SamplerConfig:
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0  # DDIM: 0 deterministic, 1 DDPM's posterior between the visited steps
-    spacing: str = "leading"  # DDIM: which `steps` of the T timesteps (ddim_timesteps)
+    spacing: str = "leading"  # DDIM, DPM++: which `steps` of the T timesteps (ddim_timesteps)
     steps_offset: int = 0
     final_alpha_cumprod: float | None = 1.0  # DDIM's last step; None: alphas_cumprod[0] (SD v1)
     clip_x0: float | None = None
@@ -437,7 +513,7 @@ class SamplerConfig:
 
     @property
     def name(self) -> str:
-        """e.g. "DDIM-50", "DDIM-20 eta=0.5", "DDPM-1000"."""
+        """e.g. "DDIM-50", "DDIM-20 eta=0.5", "DDPM-1000", "DPM++2M-20"."""
         return f"{self.sampler.upper()}-{self.steps}" + (f" eta={self.eta:g}" if self.eta else "")
 
     def timesteps(self, num_train_timesteps: int) -> torch.Tensor:
@@ -448,12 +524,18 @@ class SamplerConfig:
                     f"for fewer steps use DDIM (eta=1 is DDPM-like)"
                 )
             return ddpm_timesteps(num_train_timesteps)
+        if self.sampler == "dpm++2m":
+            return dpm_solver_timesteps(
+                num_train_timesteps, self.steps, self.spacing, self.steps_offset
+            )
         return ddim_timesteps(num_train_timesteps, self.steps, self.spacing, self.steps_offset)
 
     def options(self) -> dict[str, Any]:
         """The keyword options of this config's sampler function."""
         if self.sampler == "ddpm":
             return {"variance": self.variance, "clip_x0": self.clip_x0}
+        if self.sampler == "dpm++2m":
+            return {"order": 2, "clip_x0": self.clip_x0}
         return {
             "eta": self.eta,
             "final_alpha_cumprod": self.final_alpha_cumprod,

@@ -485,9 +485,9 @@ def test_callback_records_chain_from_step_to_step(sampler):
 def test_every_sampler_has_one_signature_and_a_name():
     schedule = NoiseSchedule("linear", num_timesteps=10)
     x_T = _randn(*SHAPE, seed=0, dtype=torch.float32)
-    assert set(SAMPLERS) == {"ddim", "ddpm"}
+    assert set(SAMPLERS) == {"ddim", "ddpm", "dpm++2m"}
     for name, sampler in SAMPLERS.items():
-        config = SamplerConfig(name, 10)
+        config = SamplerConfig(name, 10 if name == "ddpm" else 6)  # DDPM takes all T
         seen = []
         g = torch.Generator().manual_seed(3)
         out = sampler(
@@ -497,7 +497,7 @@ def test_every_sampler_has_one_signature_and_a_name():
         again = config.sample(
             lambda x, t: 0.1 * x, x_T, schedule, generator=torch.Generator().manual_seed(3)
         )
-        assert torch.equal(out, again) and len(seen) == 10
+        assert torch.equal(out, again) and len(seen) == config.steps
     assert SamplerConfig("ddim", 20, eta=0.5).name == "DDIM-20 eta=0.5"
     assert SamplerConfig("ddpm", 1000).name == "DDPM-1000"
 
@@ -552,7 +552,7 @@ def test_timesteps_are_checked_once_per_call():
             SamplerConfig(**kwargs)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
 def test_a_sampling_call_checks_its_timesteps_once(sampler, monkeypatch):
     schedule = NoiseSchedule("linear", num_timesteps=10)
     calls = []
@@ -570,3 +570,77 @@ def test_a_sampling_call_checks_its_timesteps_once(sampler, monkeypatch):
     table = schedule.table("alphas_cumprod", "cpu")
     assert table is schedule.table("alphas_cumprod", torch.device("cpu"))
     assert table.dtype == torch.float64 and torch.equal(table, schedule.alphas_cumprod)
+
+
+# ----- DPM-Solver++(2M) ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kind, steps, spacing, offset",
+    [("linear", 5, "linspace", 0), ("linear", 20, "linspace", 0), ("linear", 12, "trailing", 0),
+     ("scaled_linear", 10, "leading", 1), ("scaled_linear", 25, "leading", 1)],
+)  # fmt: skip
+def test_dpm_solver_matches_diffusers_step_for_step(kind, steps, spacing, offset):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from minisd.sampling import dpm_solver_timesteps, sample_dpm_solver
+
+    schedule = NoiseSchedule(kind)
+    ref = DPMSolverMultistepScheduler(
+        **_diffusers_config(kind), algorithm_type="dpmsolver++", solver_order=2,
+        timestep_spacing=spacing, steps_offset=offset,
+    )  # fmt: skip
+    ref.set_timesteps(steps)
+    timesteps = dpm_solver_timesteps(T, steps, spacing, offset)
+    assert timesteps.tolist() == ref.timesteps.tolist()
+    w = _randn(*SHAPE, seed=5, dtype=torch.float32)
+
+    def eps_fn(x, t):
+        return torch.tanh(x * w) + t.view(-1, 1, 1, 1) / T
+
+    x_T = _randn(*SHAPE, seed=6, dtype=torch.float32)
+    ours = []
+    got = sample_dpm_solver(eps_fn, x_T, schedule, timesteps,
+                            callback=lambda info: ours.append(info["x_prev"]))  # fmt: skip
+    x = x_T
+    for i, t in enumerate(ref.timesteps):
+        x = ref.step(eps_fn(x, t.repeat(len(x))), t, x).prev_sample
+        torch.testing.assert_close(ours[i], x, rtol=1e-4, atol=1e-5)  # every step, not only the end
+    torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-5)
+
+
+def test_dpm_solver_of_order_one_is_ddim():
+    from minisd.sampling import sample_dpm_solver
+
+    schedule = NoiseSchedule("linear", num_timesteps=50)
+    x_T = _randn(*SHAPE, seed=0)
+
+    def eps_fn(x, t):
+        return torch.sin(x) * (1 + t.view(-1, 1, 1, 1) / 50)
+
+    ts = ddim_timesteps(50, 7, "trailing")
+    first = sample_dpm_solver(eps_fn, x_T, schedule, ts, order=1)
+    ddim = sample_ddim(eps_fn, x_T, schedule, ts, final_alpha_cumprod=1.0)
+    torch.testing.assert_close(first, ddim, rtol=1e-10, atol=1e-10)
+    second = sample_dpm_solver(eps_fn, x_T, schedule, ts)
+    assert (second - first).abs().max() > 1e-3  # the second-order correction does something
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        sample_dpm_solver(eps_fn, x_T, schedule, ts, order=3)
+
+
+def test_dpm_solver_with_oracle_eps_recovers_x0_in_few_steps():
+    from minisd.sampling import SamplerConfig
+
+    schedule = NoiseSchedule("linear")
+    x0 = _randn(1, 1, 4, 4, seed=1).clamp(-1, 1)
+    config = SamplerConfig("dpm++2m", 10, spacing="linspace")
+    assert config.name == "DPM++2M-10" and len(config.timesteps(T)) == 10
+    out = config.sample(_oracle_eps_fn(schedule, x0), _randn(1, 1, 4, 4, seed=2), schedule)
+    torch.testing.assert_close(out, x0, rtol=1e-6, atol=1e-6)
+
+
+def test_dpm_solver_timesteps_bounds():
+    from minisd.sampling import dpm_solver_timesteps
+
+    assert dpm_solver_timesteps(1000, 4).tolist() == [999, 749, 500, 250]  # no t = 0: x0 is last
+    assert dpm_solver_timesteps(10, 9, "leading").tolist() == list(range(9, 0, -1))
+    with pytest.raises(ValueError, match=r"\[1, 9\]"):
+        dpm_solver_timesteps(10, 10)
