@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write via a temporary file in the same folder, then rename over `path` (atomic on POSIX)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -43,7 +43,7 @@ def save_tensors(
     # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
     flat = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    _atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
     return path
 
 
@@ -71,7 +71,7 @@ def save_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     """Write a JSON sidecar atomically (sorted keys, indented, so diffs stay readable)."""
     path = Path(path)
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 

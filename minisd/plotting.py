@@ -42,6 +42,23 @@ def show_images(
     return ax
 
 
+def show_prompt_rows(images: torch.Tensor, prompts: Sequence[str], size: float = 0.6) -> plt.Figure:
+    """One row of samples per prompt, titled with it; `images` come prompt by prompt, the same
+    number for each (as `generate(model, n * len(prompts), cond=[p for p in prompts ...])`)."""
+    if not prompts or len(images) % len(prompts):
+        raise ValueError(f"need the same number of images per prompt: {len(images)} images, "
+                         f"{len(prompts)} prompts")  # fmt: skip
+    per = len(images) // len(prompts)
+    fig, axes = plt.subplots(
+        len(prompts), 1, figsize=(max(4.0, size * per), (size + 0.3) * len(prompts)), squeeze=False
+    )
+    for ax, prompt, row in zip(axes[:, 0], prompts, images.split(per), strict=True):
+        show_images(row, nrow=per, ax=ax)
+        ax.set_title(repr(prompt), fontsize=9, loc="left")
+    fig.tight_layout()
+    return fig
+
+
 def show_row(images: torch.Tensor, labels: Sequence[str], axes: Sequence[plt.Axes] | None = None):
     """One image per axis with a caption under each, e.g. x_t at several t."""
     if axes is None:

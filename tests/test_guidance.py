@@ -117,3 +117,63 @@ def test_guidance_needs_a_conditional_model_and_matching_arguments():
         model.sample(torch.randn(1, 1, 8, 8), guidance_scale=2.0)
     with pytest.raises(ValueError, match="same arguments"):
         classifier_free(lambda x, t, **k: x, {"y": 1}, {"context": 2}, 2.0)
+
+
+# ----- the text-to-image command --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_text_checkpoint(tmp_path_factory):
+    from minisd.conditioning import TextConditioner
+    from minisd.pretrained import save_diffusion
+    from minisd.text import TransformerTextConfig, TransformerTextEncoder
+
+    torch.manual_seed(0)
+    encoder = TransformerTextEncoder(TransformerTextConfig(dim=16, heads=2, max_length=8))
+    cfg = dataclasses.replace(TINY, in_channels=1, out_channels=1, context_dim=encoder.dim)
+    unet = UNetModel(cfg).eval()
+    randomize(unet, std=0.1)
+    path = tmp_path_factory.mktemp("text") / "text.safetensors"
+    return save_diffusion(path, unet, NoiseSchedule("linear", 50), "eps",
+                          conditioner=TextConditioner(encoder), dtype=torch.float32)  # fmt: skip
+
+
+def test_generate_writes_one_row_per_prompt_and_the_tensor(tiny_text_checkpoint, tmp_path):
+    from minisd import cli
+    from minisd.evaluation import generate
+    from minisd.pretrained import load_diffusion
+
+    out, pt = tmp_path / "grid.png", tmp_path / "grid.pt"
+    cli.main(["generate", "a handwritten seven", "two", "--checkpoint", str(tiny_text_checkpoint),
+              "--n", "3", "--steps", "4", "--guidance", "2.5", "--negative", "one",
+              "--out", str(out), "--save-tensor", str(pt), "--seed", "5"])  # fmt: skip
+    images = torch.load(pt)
+    assert images.shape == (6, 1, 28, 28) and images.abs().max() <= 1
+    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+    model = load_diffusion(tiny_text_checkpoint)
+    expected = generate(model, 6, model.sampler_config("dpm++2m", 4), 5,
+                        cond=["a handwritten seven"] * 3 + ["two"] * 3, guidance_scale=2.5,
+                        negative="one")  # fmt: skip
+    torch.testing.assert_close(images, expected)  # the command draws what `generate` draws
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary files left
+
+
+def test_generate_checks_its_outputs_and_model_before_sampling(tiny_text_checkpoint, tmp_path):
+    from minisd import cli
+    from minisd.pretrained import save_diffusion
+
+    run = ["generate", "seven", "--checkpoint", str(tiny_text_checkpoint), "--steps", "2"]
+    for extra, match in (
+        (["--out", str(tmp_path / "missing" / "g.png")], "does not exist; create it first"),
+        (["--out", str(tmp_path / "g.txt")], r"one of \.png"),
+        (["--out", str(tmp_path)], "one of"),
+        (["--out", "", "--save-tensor", str(tmp_path / "g.npy")], r"\.pt"),
+        (["--out", ""], "nothing to write"),
+        (["--n", "0", "--out", str(tmp_path / "g.png")], "at least 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            cli.main(run + extra)
+    assert not list(tmp_path.iterdir())
+    class_path = save_diffusion(tmp_path / "class.safetensors", class_model().unet,
+                                NoiseSchedule("linear", 50), "eps")  # fmt: skip
+    with pytest.raises(ValueError, match="not a text-to-image model"):
+        cli.main(["generate", "seven", "--checkpoint", str(class_path), "--out",
+                  str(tmp_path / "g.png")])  # fmt: skip

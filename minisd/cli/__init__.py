@@ -1,8 +1,9 @@
 """The command line, `python -m minisd COMMAND`: one module per command group.
 
-    diffusion:   train, sample, evaluate, evaluate-text, compare-samplers
-    autoencoder: train-vae, evaluate-vae, latent-vs-pixel
+    diffusion:    train, sample, evaluate, evaluate-text, compare-samplers
+    autoencoder:  train-vae, evaluate-vae, latent-vs-pixel
     conditioning: compare-conditioning
+    guidance:     generate
 
 Shared options live in `options`; what a command records about itself in `minisd.provenance`.
 """
@@ -16,7 +17,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minisd.cli import autoencoder, conditioning, diffusion
+    from minisd.cli import autoencoder, conditioning, diffusion, guidance
 
     parser = argparse.ArgumentParser(
         prog="python -m minisd", description="minisd: Stable Diffusion built up from MNIST."
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     diffusion.add_commands(sub)
     autoencoder.add_commands(sub)
     conditioning.add_commands(sub)
+    guidance.add_commands(sub)
     return parser
 
 
