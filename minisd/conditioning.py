@@ -15,13 +15,16 @@ Training (`diffusion_loss_fn`) and sampling (`DiffusionModel.sample`) both go th
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minisd.latent import pad_images
+
+if TYPE_CHECKING:  # the text encoders' interface; minisd.text imports transformers lazily
+    from minisd.text import TextEncoder
 
 
 class Conditioner(Protocol):
@@ -139,7 +142,7 @@ class TextConditioner(nn.Module):
     trainable one (jointly trained, `ConditionedUNet`) runs every time, with gradients.
     """
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: TextEncoder) -> None:
         super().__init__()
         self.encoder = encoder
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}

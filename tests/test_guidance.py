@@ -177,3 +177,65 @@ def test_generate_checks_its_outputs_and_model_before_sampling(tiny_text_checkpo
     with pytest.raises(ValueError, match="not a text-to-image model"):
         cli.main(["generate", "seven", "--checkpoint", str(class_path), "--out",
                   str(tmp_path / "g.png")])  # fmt: skip
+
+
+# ----- classifier guidance ----------------------------------------------------------------------
+class LinearClassifier(torch.nn.Module):
+    """logits = W flatten(x) (+ t, which cancels in the softmax): its gradient is known."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, x, t):
+        return x.flatten(1) @ self.weight.T + t.float()[:, None]
+
+
+def test_classifier_guidance_adds_the_scaled_gradient_of_log_p():
+    from minisd.guidance import classifier_guidance
+
+    schedule = NoiseSchedule("linear", 50)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 8, generator=g)
+    clf = LinearClassifier(weight)
+    x, t, y = (
+        torch.randn(4, 2, 2, 2, generator=g),
+        torch.tensor([3, 10, 20, 49]),
+        torch.tensor([0, 1, 2, 1]),
+    )
+    eps_fn = lambda x, t: 0.5 * x  # noqa: E731
+    with torch.no_grad():  # as inside every sampler
+        got = classifier_guidance(eps_fn, clf, y, 2.0, schedule)(x, t)
+    probs = (x.flatten(1) @ weight.T).softmax(-1)  # grad log p_y = W_y - sum_k p_k W_k
+    grad = (weight[y] - probs @ weight).view_as(x)
+    ab = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(got, 0.5 * x - 2.0 * (1 - ab).sqrt() * grad)
+    assert torch.equal(classifier_guidance(eps_fn, clf, y, 0, schedule)(x, t), 0.5 * x)
+    for scale, error in ((float("nan"), ValueError), (-1.0, ValueError), ("big", TypeError)):
+        with pytest.raises(error):
+            classifier_guidance(eps_fn, clf, y, scale, schedule)
+    with pytest.raises(ValueError, match="one label per sample"):
+        classifier_guidance(eps_fn, clf, y[:2], 1.0, schedule)(x, t)
+
+
+def test_noisy_classifier_learns_labels_from_noisy_inputs():
+    from minisd.guidance import NoisyClassifier, NoisyClassifierConfig, noisy_classifier_loss_fn
+    from minisd.train import TrainConfig, fit
+
+    cfg = NoisyClassifierConfig(in_channels=2, model_channels=8, norm_groups=4)
+    torch.manual_seed(0)
+    clf = NoisyClassifier(cfg)
+    labels = torch.arange(64) % 2
+    x0 = torch.randn(64, 2, 4, 4) * 0.3 + (labels.float() * 2 - 1).view(-1, 1, 1, 1)  # +-1 blobs
+    assert clf(x0, torch.zeros(64, dtype=torch.long)).shape == (64, 10)
+    schedule = NoiseSchedule("linear", 100)
+    config = TrainConfig(steps=60, batch_size=32, lr=3e-3, ema_decay=None, log_every=10)
+    result = fit(clf, noisy_classifier_loss_fn(schedule), (x0, labels), config, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < 0.6 * losses[0]
+    clean = clf.eval()(x0, torch.zeros(64, dtype=torch.long)).argmax(1)
+    assert (clean == labels).float().mean() > 0.9  # it reads lightly noised inputs
+    with pytest.raises(ValueError, match=r"\(B, 2, H, W\)"):
+        clf(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="divide by norm_groups"):
+        NoisyClassifierConfig(model_channels=6, norm_groups=4)
