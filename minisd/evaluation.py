@@ -326,6 +326,75 @@ def compare_mechanisms(
     return rows, kept
 
 
+# ----- guidance (lesson 05) -------------------------------------------------------------------
+# The bar the shipped text model meets at its best guidance scale: the standard and the held-out
+# phrasings' accuracy of the prompted digit.
+GUIDANCE_ACCURACY_BAR = {"standard": 0.99, "held_out": 0.90}
+
+
+def guidance_curve(
+    model: DiffusionModel,
+    scales: Sequence[float],
+    n_per_digit: int = 100,
+    config: SamplerConfig | None = None,
+    seed: int = 0,
+    classifier=None,
+    reference: torch.Tensor | None = None,
+    keep: int = 2,
+    progress: bool = False,
+) -> tuple[list[dict], dict, dict[str, torch.Tensor]]:
+    """Quality against diversity along the classifier-free guidance scale of a text model.
+
+    Per scale: the accuracy of the prompted digit from the training phrasings and from the
+    held-out ones (n_per_digit samples per digit each), and for the training phrasings' samples
+    the MNIST-FID against `reference` (train features) and the within-digit diversity
+    (`metrics.within_class_diversity`). Also the same two for as many real test digits, the
+    baseline, and `keep` samples per digit of each scale (training phrasings).
+    """
+    from minisd.metrics import frechet_distance, within_class_diversity
+    from minisd.text import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
+
+    classifier = classifier or load_classifier()
+    reference = reference if reference is not None else reference_features(classifier)
+    rows, kept = [], {}
+    for scale in scales:
+        row: dict[str, Any] = {"scale": float(scale)}
+        for split, templates in (("standard", TRAIN_TEMPLATES), ("held_out", HELD_OUT_TEMPLATES)):
+            prompts, digits = prompts_per_digit(templates, n_per_digit)
+            images = generate(model, len(digits), config, seed, progress=progress, cond=prompts,
+                              guidance_scale=scale)  # fmt: skip
+            row[split] = digit_accuracy(images, digits, classifier)
+            if split == "standard":
+                features = classify(classifier, images)[0]
+                row["mnist_fid"] = frechet_distance(features, reference)
+                row["diversity"] = within_class_diversity(features, digits)
+                first = [torch.nonzero(digits == d).flatten()[:keep] for d in range(10)]
+                kept[f"scale {scale:g}"] = images[torch.cat(first)].contiguous()
+        rows.append(row)
+    test_images, test_labels = load_mnist(train=False, limit=10 * n_per_digit)
+    features = classify(classifier, test_images)[0]
+    baseline = {
+        "n": len(test_images),
+        "mnist_fid": frechet_distance(features, reference),
+        "diversity": within_class_diversity(features, test_labels),
+    }
+    return rows, baseline, kept
+
+
+def best_guidance(rows: Sequence[dict]) -> tuple[dict, bool, str]:
+    """The scale with the best standard-phrasing accuracy (ties: the smaller scale, which keeps
+    more diversity), whether it meets GUIDANCE_ACCURACY_BAR, and why."""
+    best = max(rows, key=lambda r: (r["standard"]["accuracy"], -r["scale"]))
+    ok = all(best[split]["accuracy"] >= bar for split, bar in GUIDANCE_ACCURACY_BAR.items())
+    why = (
+        f"at guidance scale {best['scale']:g}: {best['standard']['accuracy']:.1%} on the training "
+        f"phrasings (need >= {GUIDANCE_ACCURACY_BAR['standard']:.0%}) and "
+        f"{best['held_out']['accuracy']:.1%} on the held-out ones (need >= "
+        f"{GUIDANCE_ACCURACY_BAR['held_out']:.0%})"
+    )
+    return best, ok, why
+
+
 def save_results(
     path: str | os.PathLike, results: Mapping[str, Any], samples: Mapping[str, torch.Tensor]
 ) -> tuple[Path, Path]:

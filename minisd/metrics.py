@@ -131,6 +131,21 @@ def confident_fraction(probs: torch.Tensor, threshold: float = 0.9) -> float:
 
 
 # ----- one-call evaluation and the real-vs-real baseline -------------------------------------
+def within_class_diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """How varied the samples of one class are: the mean pairwise Euclidean distance between
+    the classifier features of samples with the same label, averaged over the labels with at
+    least two samples. Guidance trades this away for accuracy; real digits give the reference."""
+    features = _features64(features, "features")
+    labels = torch.as_tensor(labels).cpu()
+    if labels.shape != (len(features),):
+        raise ValueError(f"need one label per feature row, got {tuple(labels.shape)}")
+    per_class = [torch.pdist(features[labels == c]).mean() for c in labels.unique()
+                 if int((labels == c).sum()) >= 2]  # fmt: skip
+    if not per_class:
+        raise ValueError("need at least two samples of some label to measure diversity")
+    return torch.stack(per_class).mean().item()
+
+
 @dataclass(frozen=True)
 class SampleReport:
     n: int  # samples measured

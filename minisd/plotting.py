@@ -177,3 +177,25 @@ def system_diagram(lesson: str, ax: plt.Axes | None = None) -> tuple[str, ...]:
     )
     ax.axis("off")
     return lit
+
+
+def plot_guidance_curve(rows: Sequence[Mapping], baseline: Mapping) -> plt.Figure:
+    """`evaluation.guidance_curve`'s rows: accuracy, MNIST-FID and within-digit diversity
+    against the guidance scale, the real test digits' values as dashed lines."""
+    scales = [r["scale"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for split, style in (("standard", "o-"), ("held_out", "s--")):
+        axes[0].plot(scales, [100 * r[split]["accuracy"] for r in rows], style,
+                     label=split.replace("_", "-") + " phrasings")  # fmt: skip
+    axes[0].set_ylabel("prompted digit drawn (%)")
+    axes[0].legend(fontsize=8)
+    for ax, key, label in ((axes[1], "mnist_fid", "MNIST-FID (lower: closer to real)"),
+                           (axes[2], "diversity", "within-digit diversity")):  # fmt: skip
+        ax.plot(scales, [r[key] for r in rows], "o-", label="samples")
+        ax.axhline(baseline[key], color="gray", ls="--", label="real test digits")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("guidance scale s")
+    fig.tight_layout()
+    return fig

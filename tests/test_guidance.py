@@ -127,7 +127,7 @@ def tiny_text_checkpoint(tmp_path_factory):
     from minisd.text import TransformerTextConfig, TransformerTextEncoder
 
     torch.manual_seed(0)
-    encoder = TransformerTextEncoder(TransformerTextConfig(dim=16, heads=2, max_length=8))
+    encoder = TransformerTextEncoder(TransformerTextConfig(dim=16, heads=2, max_length=16))
     cfg = dataclasses.replace(TINY, in_channels=1, out_channels=1, context_dim=encoder.dim)
     unet = UNetModel(cfg).eval()
     randomize(unet, std=0.1)
@@ -239,3 +239,64 @@ def test_noisy_classifier_learns_labels_from_noisy_inputs():
         clf(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="divide by norm_groups"):
         NoisyClassifierConfig(model_channels=6, norm_groups=4)
+
+
+# ----- the quality/diversity curve --------------------------------------------------------------
+def test_best_guidance_picks_the_most_accurate_smallest_scale_and_checks_the_bar():
+    from minisd.evaluation import best_guidance
+
+    def row(scale, standard, held_out):
+        return {"scale": scale, "standard": {"accuracy": standard},
+                "held_out": {"accuracy": held_out}}  # fmt: skip
+
+    rows = [row(1, 0.93, 0.91), row(3, 0.995, 0.97), row(5, 0.995, 0.98), row(9, 0.97, 0.99)]
+    best, ok, why = best_guidance(rows)
+    assert best["scale"] == 3 and ok and "guidance scale 3: 99.5%" in why
+    best, ok, _ = best_guidance([row(1, 0.93, 0.91), row(3, 0.995, 0.85)])
+    assert best["scale"] == 3 and not ok  # the held-out phrasings miss their 90%
+
+
+def test_within_class_diversity_is_the_mean_pairwise_distance_per_class():
+    from minisd.metrics import within_class_diversity
+
+    features = torch.tensor([[0.0, 0], [3, 4], [0, 0], [0, 2], [9, 9]])
+    labels = torch.tensor([0, 0, 1, 1, 2])  # class 2 has one sample: no pairs, left out
+    assert within_class_diversity(features, labels) == pytest.approx((5 + 2) / 2)
+    with pytest.raises(ValueError, match="one label per feature"):
+        within_class_diversity(features, labels[:3])
+    with pytest.raises(ValueError, match="at least two samples"):
+        within_class_diversity(features[:2], torch.tensor([0, 1]))
+
+
+def test_guidance_curve_command_writes_rows_samples_and_plot(tiny_text_checkpoint, tmp_path,
+                                                             monkeypatch):  # fmt: skip
+    import json
+
+    from minisd import cli, evaluation
+    from minisd.checkpoint import load_tensors
+    from minisd.classifier import MnistClassifier
+
+    torch.manual_seed(0)
+    classifier = MnistClassifier().eval()
+    images = torch.rand(20, 1, 28, 28) * 2 - 1
+    monkeypatch.setattr(evaluation, "load_classifier", lambda: classifier)
+    monkeypatch.setattr(evaluation, "reference_features", lambda c: torch.randn(50, 128))
+    test_set = lambda train, limit: (images[:limit], torch.arange(limit) % 10)  # noqa: E731
+    monkeypatch.setattr(evaluation, "load_mnist", test_set)
+    out = tmp_path / "curve.json"
+    cli.main(["guidance-curve", "--checkpoint", str(tiny_text_checkpoint), "--scales", "0", "1",
+              "3", "--n-per-digit", "2", "--steps", "2", "--keep", "1",
+              "--out", str(out)])  # fmt: skip
+    results = json.loads(out.read_text())
+    assert [r["scale"] for r in results["rows"]] == [0.0, 1.0, 3.0]
+    assert all(r["standard"]["n"] == r["held_out"]["n"] == 20 for r in results["rows"])
+    assert results["baseline"]["n"] == 20 and results["sampler"] == "DPM++2M-2"
+    assert isinstance(results["meets_bar"], bool) and results["best_scale"] in (0.0, 1.0, 3.0)
+    kept, _ = load_tensors(out.with_suffix(".safetensors"))
+    assert {k: tuple(v.shape) for k, v in kept.items()} == {
+        f"scale {s}": (10, 1, 28, 28) for s in ("0", "1", "3")
+    }
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="distinct guidance scales"):
+        cli.main(["guidance-curve", "--checkpoint", str(tiny_text_checkpoint), "--scales", "1",
+                  "1", "--out", str(out)])  # fmt: skip
