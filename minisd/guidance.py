@@ -27,14 +27,18 @@ the image look more like the class, which is why classifier-free guidance replac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisd.conditioning import ClassConditioner
+from minisd.pretrained import DiffusionModel
 from minisd.sampling import EpsFn
 from minisd.schedule import NoiseSchedule
 from minisd.unet import Downsample, ResBlock, timestep_embedding
@@ -185,3 +189,40 @@ def classifier_guidance(
         return eps - scale * (1 - ab).sqrt().view(-1, *[1] * (x.ndim - 1)) * grad
 
     return guided
+
+
+@dataclass
+class ClassifierGuided(DiffusionModel):
+    """A `DiffusionModel` whose conditions are class labels drawn by classifier guidance: the
+    wrapped model's unconditional prediction (its null condition, e.g. the empty prompt)
+    steered by `classifier` at `classifier_scale`. Build one with `with_classifier_guidance`."""
+
+    classifier: nn.Module | None = None
+    classifier_scale: float = 1.0
+    base_conditioner: Any = None  # the wrapped model's conditioner, for its null condition
+
+    def guided_eps_fn(self, cond: Any, n: int, scale: float = 1.0, negative: Any = None) -> EpsFn:
+        if check_scale(scale) != 1.0 or negative is not None:
+            raise ValueError("a classifier-guided model has its own scale (classifier_scale); "
+                             "pass no guidance_scale or negative")  # fmt: skip
+        base = self.base_conditioner
+        null = {} if base is None else base.model_kwargs(base.batch(None, n, self.device))
+        eps_fn = self.eps_fn(**null)
+        labels = self.conditioner.batch(cond, n, self.device)
+        if bool((labels == self.conditioner.null_label).all()):  # no label: unconditional
+            return eps_fn
+        if bool((labels == self.conditioner.null_label).any()):
+            raise ValueError("classifier guidance needs a label 0-9 for every sample")
+        return classifier_guidance(eps_fn, self.classifier, labels, self.classifier_scale,
+                                   self.schedule)  # fmt: skip
+
+
+def with_classifier_guidance(
+    model: DiffusionModel, classifier: nn.Module, scale: float
+) -> ClassifierGuided:
+    """`model` drawing labels 0-9 by classifier guidance at `scale`: `generate(guided, n,
+    cond=labels)`. The classifier reads the U-Net's inputs (latents for a latent model)."""
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+    return ClassifierGuided(**{**fields, "conditioner": ClassConditioner(10)},
+                            classifier=classifier.eval(), classifier_scale=check_scale(scale),
+                            base_conditioner=model.conditioner)  # fmt: skip

@@ -300,3 +300,28 @@ def test_guidance_curve_command_writes_rows_samples_and_plot(tiny_text_checkpoin
     with pytest.raises(ValueError, match="distinct guidance scales"):
         cli.main(["guidance-curve", "--checkpoint", str(tiny_text_checkpoint), "--scales", "1",
                   "1", "--out", str(out)])  # fmt: skip
+
+
+def test_classifier_guided_model_steers_the_unconditional_prediction(tiny_text_checkpoint):
+    from minisd.evaluation import generate
+    from minisd.guidance import classifier_guidance, with_classifier_guidance
+    from minisd.pretrained import load_diffusion
+
+    model = load_diffusion(tiny_text_checkpoint)
+    clf = LinearClassifier(torch.randn(10, 28 * 28, generator=torch.Generator().manual_seed(1)))
+    guided = with_classifier_guidance(model, clf, 3.0)
+    config = model.sampler_config("ddim", 3)
+    labels = torch.tensor([7, 2, 7, 0])
+    got = generate(guided, 4, config, seed=2, cond=labels)
+    null = model.condition(None, 4)  # the empty prompt
+    eps_fn = classifier_guidance(model.eps_fn(**null), clf, labels, 3.0, model.schedule)
+    x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    expected = model.decode(config.sample(eps_fn, x_T, model.schedule)).clamp(-1, 1)
+    torch.testing.assert_close(got, expected)
+    unconditional = generate(model, 4, config, seed=2)
+    torch.testing.assert_close(generate(guided, 4, config, seed=2), unconditional)
+    assert not torch.allclose(got, unconditional)
+    with pytest.raises(ValueError, match="its own scale"):
+        generate(guided, 4, config, cond=labels, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="a label 0-9 for every sample"):
+        generate(guided, 2, config, cond=torch.tensor([3, 10]))
