@@ -26,6 +26,7 @@ from minisd.vae import AutoencoderConfig, AutoencoderKL
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
 FORMAT = "minisd.diffusion/1"
 AUTOENCODER_FORMAT = "minisd.autoencoder/1"
+NOISY_CLASSIFIER_FORMAT = "minisd.noisy-classifier/1"
 # SD v1's checkpoint prefixes, used by latent diffusion checkpoints.
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 # and the text encoder's (SD v1: cond_stage_model.transformer.text_model.*)
@@ -318,3 +319,32 @@ def load_autoencoder(
     vae.load_state_dict(_strip(tensors, "", dtype))
     vae.metadata = meta
     return vae.to(device).eval()
+
+
+def save_noisy_classifier(
+    path: str | os.PathLike, classifier, schedule: NoiseSchedule, dtype: torch.dtype = torch.float16
+) -> Path:
+    """Save a `guidance.NoisyClassifier` (fp16 by default) with its config and the noise
+    schedule it was trained under (classifier guidance must sample with the same one)."""
+    meta = {
+        "format": NOISY_CLASSIFIER_FORMAT,
+        "classifier_config": dataclasses.asdict(classifier.config),
+        "schedule": schedule.to_dict(),
+    }
+    return save_tensors(path, _half(classifier.state_dict(), dtype, ""), meta)
+
+
+def load_noisy_classifier(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+):
+    """Load `save_noisy_classifier`'s file: the classifier in eval mode, with `.schedule` and
+    `.metadata` (its metadata and JSON sidecar)."""
+    from minisd.guidance import NoisyClassifier, NoisyClassifierConfig
+
+    tensors, meta = _open(path, NOISY_CLASSIFIER_FORMAT, "noisy classifier",
+                          "train-noisy-classifier")  # fmt: skip
+    classifier = NoisyClassifier(_config(NoisyClassifierConfig, meta["classifier_config"]))
+    classifier.load_state_dict(_strip(tensors, "", dtype))
+    classifier.schedule = NoiseSchedule.from_dict(meta["schedule"])
+    classifier.metadata = meta
+    return classifier.to(device).eval()

@@ -325,3 +325,36 @@ def test_classifier_guided_model_steers_the_unconditional_prediction(tiny_text_c
         generate(guided, 4, config, cond=labels, guidance_scale=2.0)
     with pytest.raises(ValueError, match="a label 0-9 for every sample"):
         generate(guided, 2, config, cond=torch.tensor([3, 10]))
+
+
+def test_train_noisy_classifier_exports_a_loadable_classifier(tmp_path, monkeypatch):
+    from minisd import cli, data
+    from minisd.checkpoint import load_json
+    from minisd.pretrained import load_noisy_classifier, save_autoencoder
+    from minisd.vae import MNIST_F4, AutoencoderKL
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(24, 1, 28, 28, generator=g) * 2 - 1, torch.arange(24) % 10
+    monkeypatch.setattr(data, "load_mnist", lambda train, limit=None: (x[:limit], y[:limit]))
+    torch.manual_seed(0)
+    vae_path, out = tmp_path / "vae.safetensors", tmp_path / "noisy.safetensors"
+    save_autoencoder(
+        vae_path, AutoencoderKL(dataclasses.replace(MNIST_F4, ch=8, norm_num_groups=4))
+    )
+    cli.main(["train-noisy-classifier", "--vae", str(vae_path), "--model-channels", "16",
+              "--steps", "3", "--batch-size", "8", "--warmup", "1",
+              "--export", str(out)])  # fmt: skip
+    clf = load_noisy_classifier(out)
+    assert clf.config.in_channels == 4 and clf.config.model_channels == 16
+    assert clf.schedule.num_timesteps == 1000 and not clf.training
+    assert clf(torch.zeros(2, 4, 8, 8), torch.tensor([0, 999])).shape == (2, 10)
+    sidecar = load_json(out.with_suffix(".json"))
+    assert sidecar["steps"] == 3 and sidecar["commands"][0].startswith(
+        "python -m minisd train-noisy-classifier"
+    )
+    assert set(sidecar["test_accuracy_by_t"]) == {"0", "250", "500", "750", "999"}
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        cli.main(["train-noisy-classifier", "--vae", str(vae_path), "--steps", "1",
+                  "--export", str(tmp_path / "noisy.pt")])  # fmt: skip
+    with pytest.raises(ValueError, match="not a minisd noisy classifier"):
+        load_noisy_classifier(vae_path)

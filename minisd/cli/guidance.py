@@ -3,6 +3,8 @@
     python -m minisd generate "a handwritten seven" "the number 2" --n 16 --guidance 3 \
         --steps 20 --sampler dpm++2m --seed 0 --out samples.png
     python -m minisd guidance-curve --out data/results/guidance_curve.json
+    python -m minisd train-noisy-classifier --vae data/checkpoints/vae_mnist_f4.safetensors \
+        --steps 3000 --export data/checkpoints/noisy_classifier_f4.safetensors
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from minisd.checkpoint import atomic_write
+from minisd.checkpoint import atomic_write, write_sidecar
 from minisd.cli.options import add_device_and_seed
 from minisd.course import get_device, hardware
 from minisd.pretrained import CHECKPOINTS, load_diffusion
 from minisd.provenance import command_line
 from minisd.sampling import SAMPLERS
+from minisd.schedule import SCHEDULE_KINDS
 
 TEXT_MODEL = CHECKPOINTS / "ldm_text_mnist.safetensors"  # the course's shipped text model
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
@@ -124,6 +127,76 @@ def cmd_guidance_curve(args: argparse.Namespace) -> None:
     print(f"wrote {path}, {samples_path.name} and {out.with_suffix('.png').name}")
 
 
+def cmd_train_noisy_classifier(args: argparse.Namespace) -> None:
+    """Classifier guidance's classifier: p(y | z_t, t) on an autoencoder's noised latents."""
+    import dataclasses
+
+    from minisd.data import load_mnist
+    from minisd.guidance import NoisyClassifier, NoisyClassifierConfig, noisy_classifier_loss_fn
+    from minisd.latent import cached_latents, encode_images
+    from minisd.pretrained import load_autoencoder, save_noisy_classifier
+    from minisd.provenance import run_commands
+    from minisd.schedule import NoiseSchedule
+    from minisd.summary import count_parameters
+    from minisd.train import TrainConfig, fit
+
+    export = _check_output(args.export, "--export", ("safetensors",))
+    device = get_device(args.device)
+    vae = load_autoencoder(args.vae, device=device)
+    images, labels = load_mnist(train=True, limit=args.limit)
+    cache = Path(args.run_dir) / "latents.safetensors" if args.run_dir else None
+    latents = cached_latents(vae, images, cache) if cache else encode_images(vae, images)
+    config = NoisyClassifierConfig(in_channels=latents.shape[1],
+                                   model_channels=args.model_channels)  # fmt: skip
+    classifier = NoisyClassifier(config)
+    schedule = NoiseSchedule(args.schedule, args.timesteps)
+    train = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+        decay_steps=args.decay_steps, ema_decay=None, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )  # fmt: skip
+    print(f"training a {count_parameters(classifier) / 1e6:.2f}M-parameter noisy classifier on "
+          f"{len(latents)} latents {tuple(latents.shape[1:])}")  # fmt: skip
+    result = fit(classifier, noisy_classifier_loss_fn(schedule), (latents, labels), train,
+                 args.run_dir, args.resume, device=device)  # fmt: skip
+    if export is None:
+        return
+    test_images, test_labels = load_mnist(train=False)
+    accuracy = noisy_accuracy(result.model.eval(), schedule, encode_images(vae, test_images),
+                              test_labels)  # fmt: skip
+    save_noisy_classifier(export, result.model, schedule)
+    write_sidecar(export, {
+        "commands": run_commands(args),
+        "classifier_config": dataclasses.asdict(config),
+        "parameters": count_parameters(classifier),
+        "train_config": dataclasses.asdict(train),
+        "latent_vae": args.vae,
+        "steps": result.step,
+        "seconds": round(result.seconds),
+        "hardware": hardware(),
+        "final_loss": round(result.history[-1]["loss"], 5),
+        "test_accuracy_by_t": accuracy,
+    })  # fmt: skip
+    print("test accuracy by timestep: " + ", ".join(f"t={t}: {a:.1%}" for t, a in accuracy.items()))
+    print(f"exported {export} and {export.with_suffix('.json').name}")
+
+
+@torch.no_grad()
+def noisy_accuracy(classifier, schedule, latents, labels, timesteps=(0, 250, 500, 750, 999)):
+    """The classifier's test accuracy on latents noised to each of `timesteps` (seeded noise)."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=gen)
+        t_batch = torch.full((len(latents),), t, dtype=torch.long)
+        device = next(classifier.parameters()).device
+        z_t = schedule.add_noise(latents, noise, t_batch)
+        chunks = zip(z_t.split(1000), t_batch.split(1000), strict=True)
+        logits = torch.cat([classifier(z.to(device), tb.to(device)).cpu() for z, tb in chunks])
+        out[str(t)] = (logits.argmax(1) == labels).float().mean().item()
+    return out
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="text to digits: one row of images per prompt")
     g.add_argument("prompts", nargs="+", help='what to draw, e.g. "a handwritten seven"')
@@ -153,3 +226,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="results .json (samples and plot go beside it)")
     add_device_and_seed(c)
     c.set_defaults(func=cmd_guidance_curve)
+
+    n = sub.add_parser(
+        "train-noisy-classifier", help="classifier guidance's classifier of noisy latents"
+    )
+    n.add_argument("--vae", required=True, help="the autoencoder whose latents it reads")
+    n.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    n.add_argument("--model-channels", type=int, default=64)
+    n.add_argument("--schedule", choices=SCHEDULE_KINDS, default="linear", help="the text model's")
+    n.add_argument("--timesteps", type=int, default=1000)
+    n.add_argument("--steps", type=int, required=True)
+    n.add_argument("--batch-size", type=int, default=128)
+    n.add_argument("--lr", type=float, default=1e-3)
+    n.add_argument("--warmup", type=int, default=100)
+    n.add_argument("--decay-steps", type=int, default=0)
+    n.add_argument("--checkpoint-every", type=int, default=500)
+    n.add_argument("--run-dir", default=None, help="folder for the resumable training checkpoint")
+    n.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    n.add_argument("--export", default=None, help="write the classifier + JSON sidecar here")
+    add_device_and_seed(n)
+    n.set_defaults(func=cmd_train_noisy_classifier)
