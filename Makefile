@@ -1,4 +1,4 @@
-# minisd: `make test`, `make demo`, `make lab`. Each creates .venv on first use.
+# minisd: `make test`, `make demo`, `make notebooks`, `make lab`. Each creates .venv on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 BUILD := build/notebooks
 
-.PHONY: test unit lint demo lab format clean mutate
+.PHONY: test unit lint demo notebooks lab format clean mutate
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "minisd needs Python >= 3.10 (3.11 recommended)"'
@@ -34,8 +34,16 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## demo: run the course headless and say where the executed notebooks are
+## demo: type a prompt, get digits: the shipped text-to-MNIST model, a few prompts, one picture
+DEMO_OUT := build/demo.png
 demo: $(STAMP)
+	@mkdir -p build
+	$(BIN)/python -m minisd generate "a handwritten seven" "the number 2" "zero" "someone wrote the number five by hand" \
+		--n 8 --guidance 3 --steps 20 --sampler dpm++2m --seed 0 --out $(DEMO_OUT)
+	@echo "The picture: $(DEMO_OUT)"
+
+## notebooks: run the course headless and say where the executed notebooks are
+notebooks: $(STAMP)
 	@mkdir -p $(BUILD)
 	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir $(BUILD) $(NOTEBOOKS)
 	@echo "Executed notebooks (open with 'make lab' or any Jupyter):"
