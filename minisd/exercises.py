@@ -361,6 +361,57 @@ def check_clip_padding(answer: int | None) -> bool:
     return _report(name, False, "tokenize it and count: each word here is one BPE piece")
 
 
+# ----- notebook 05: guidance --------------------------------------------------------------------
+def check_guidance(fn: Callable[..., torch.Tensor]) -> bool:
+    """Exercise 05.1: fn(eps_u, eps_c, s) -> the classifier-free guided noise prediction."""
+    name = "Exercise 1 (classifier-free guidance)"
+    g = torch.Generator().manual_seed(6)
+    eps_u, eps_c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for s in (3.0, 7.5, 0.0, 1.0):  # the telling scales first: at 0 and 1 some slips agree
+        got, err = _attempt(name, fn, eps_u, eps_c, s)
+        if err:
+            return _report(name, False, err)
+        if not isinstance(got, torch.Tensor) or got.shape != eps_u.shape:
+            return _report(name, False, f"return a tensor shaped like eps_u, {tuple(eps_u.shape)}")
+        if torch.allclose(got, eps_u + s * (eps_c - eps_u), atol=1e-5):
+            continue
+        if torch.allclose(got, eps_c + s * (eps_u - eps_c), atol=1e-5):
+            return _report(name, False, "the roles are swapped: start from the unconditional one")
+        if torch.allclose(got, (1 + s) * eps_c - s * eps_u, atol=1e-5):
+            return _report(name, False, "that is Ho & Salimans' form with w = s; SD's s is 1 + w")
+        return _report(name, False, f"at s = {s:g}: hint, s = 1 must give eps_c, s = 0 eps_u")
+    return _report(name, True, "eps_u + s (eps_c - eps_u): s = 0 unconditional, 1 conditional")
+
+
+def check_weight_to_scale(answer: float | None) -> bool:
+    """Exercise 05.2 (predict, then check): the SD scale that equals guidance weight w = 2."""
+    name = "Exercise 2 (from a guidance weight to a guidance scale)"
+    answer, err = _number(name, answer, "scale")
+    if err:
+        return _report(name, False, err)
+    if abs(answer - 3.0) < 1e-9:
+        return _report(name, True, "(1 + w) eps_c - w eps_u = eps_u + (1 + w)(eps_c - eps_u)")
+    if abs(answer - 2.0) < 1e-9:
+        return _report(name, False, "the two conventions differ: expand both and compare")
+    return _report(name, False, "write (1 + w) eps_c - w eps_u as eps_u + s (eps_c - eps_u)")
+
+
+def check_guided_evaluations(answer: int | None) -> bool:
+    """Exercise 05.3: U-Net evaluations per image for DPM-Solver++(2M), 20 steps, scale 3."""
+    name = "Exercise 3 (what guidance costs)"
+    if answer is None:
+        return _report(name, False, "not attempted yet: set evaluations to your answer")
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        return _report(name, False, f"answer with an int, got {type(answer).__name__}")
+    if answer == 40:
+        return _report(name, True, "two predictions per step (one batch of 2B), 20 steps")
+    if answer == 20:
+        return _report(name, False, "guidance needs eps_c and eps_u at every step")
+    if answer == 60:
+        return _report(name, False, "a multistep solver reuses its last x0: one step, one call")
+    return _report(name, False, "count the network calls per step, then the steps")
+
+
 SOLUTIONS: dict[str, tuple[str, str, str, str]] = {
     "01.1": (
         "alphas_cumprod",
@@ -473,6 +524,27 @@ SOLUTIONS: dict[str, tuple[str, str, str, str]] = {
         'clip_padding = 77 - len(clip_tokenizer()("a handwritten digit seven")["input_ids"])\n',
         "4 words, one BPE piece each, plus the start and end tokens: 6 real, 71 padding "
         "(SD pads with the end token, 49407).",
+    ),
+    "05.1": (
+        "guided",
+        "check_guidance",
+        "def guided(eps_u, eps_c, s):\n    return eps_u + s * (eps_c - eps_u)\n",
+        "Start at the unconditional prediction and move s times the way the prompt pulls: "
+        "s = 1 lands on eps_c, s > 1 goes past it.",
+    ),
+    "05.2": (
+        "scale",
+        "check_weight_to_scale",
+        "scale = 1 + 2\n",
+        "(1 + w) eps_c - w eps_u = eps_u + (1 + w)(eps_c - eps_u): SD's s is 1 + w, so w = 2 "
+        "is s = 3 (and w = 0, the plain conditional model, is s = 1).",
+    ),
+    "05.3": (
+        "evaluations",
+        "check_guided_evaluations",
+        "evaluations = 2 * 20\n",
+        "Each step needs eps_c and eps_u (run as one batch of 2B, but twice the work); "
+        "DPM-Solver++(2M) makes one model call per step, reusing the previous step's x0.",
     ),
 }
 

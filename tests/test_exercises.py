@@ -172,3 +172,19 @@ def test_uniform_attention_and_clip_padding_checkers(capsys):
     assert "start and end" in capsys.readouterr().out
     assert not exercises.check_clip_padding(71.0)
     assert exercises.check_clip_padding(71)
+
+
+def test_guidance_exercises_catch_the_usual_slips(capsys):
+    assert exercises.check_guidance(lambda u, c, s: u + s * (c - u))
+    assert not exercises.check_guidance(lambda u, c, s: c + s * (u - c))
+    assert "swapped" in capsys.readouterr().out
+    assert not exercises.check_guidance(lambda u, c, s: (1 + s) * c - s * u)
+    assert "s is 1 + w" in capsys.readouterr().out
+    assert not exercises.check_guidance(not_attempted)
+    assert not exercises.check_weight_to_scale(2)
+    assert "differ" in capsys.readouterr().out
+    assert exercises.check_weight_to_scale(3.0)
+    assert not exercises.check_guided_evaluations(20)
+    assert "eps_c and eps_u" in capsys.readouterr().out
+    assert not exercises.check_guided_evaluations(40.0)
+    assert exercises.check_guided_evaluations(40)
