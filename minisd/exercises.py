@@ -40,6 +40,15 @@ def _number(name: str, answer, variable: str) -> tuple[float | None, str | None]
         return None, f"answer with a number, got {type(answer).__name__}"
 
 
+def _integer(answer, variable: str, what: str = "an int") -> str | None:
+    """Why an int answer cannot be checked (missing, or not an int), or None if it can."""
+    if answer is None:
+        return f"not attempted yet: set {variable} to your answer"
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        return f"answer with {what}, got {type(answer).__name__}"
+    return None
+
+
 # ----- notebook 01: forward noising ------------------------------------------------------------
 def check_alphas_cumprod(fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     """Exercise 01.1: fn(betas) -> alpha-bar, the running product of (1 - beta)."""
@@ -98,10 +107,9 @@ def check_snr_crossing(answer: int) -> bool:
     sched = NoiseSchedule("linear", 1000)
     snr = sched.snr(torch.arange(1000))
     want = int((snr < 1).nonzero()[0])
-    if answer is None:
-        return _report(name, False, "not attempted yet: set snr_crossing to your answer")
-    if not isinstance(answer, int) or isinstance(answer, bool):
-        return _report(name, False, f"answer with an int timestep, got {type(answer).__name__}")
+    err = _integer(answer, "snr_crossing", "an int timestep")
+    if err:
+        return _report(name, False, err)
     if answer == want:
         return _report(name, True, f"SNR({answer}) = {snr[answer].item():.3f}")
     direction = "later" if answer < want else "earlier"
@@ -350,10 +358,9 @@ def check_clip_padding(answer: int | None) -> bool:
     prompt = "a handwritten digit seven"
     ids = clip_tokenizer()(prompt)["input_ids"]  # start, the words' pieces, end
     want = 77 - len(ids)
-    if answer is None:
-        return _report(name, False, "not attempted yet: set clip_padding to your answer")
-    if not isinstance(answer, int) or isinstance(answer, bool):
-        return _report(name, False, f"answer with an int, got {type(answer).__name__}")
+    err = _integer(answer, "clip_padding")
+    if err:
+        return _report(name, False, err)
     if answer == want:
         return _report(name, True, f"{len(ids)} real tokens (start and end included), {want} pad")
     if answer == want + 2:
@@ -399,10 +406,9 @@ def check_weight_to_scale(answer: float | None) -> bool:
 def check_guided_evaluations(answer: int | None) -> bool:
     """Exercise 05.3: U-Net evaluations per image for DPM-Solver++(2M), 20 steps, scale 3."""
     name = "Exercise 3 (what guidance costs)"
-    if answer is None:
-        return _report(name, False, "not attempted yet: set evaluations to your answer")
-    if not isinstance(answer, int) or isinstance(answer, bool):
-        return _report(name, False, f"answer with an int, got {type(answer).__name__}")
+    err = _integer(answer, "evaluations")
+    if err:
+        return _report(name, False, err)
     if answer == 40:
         return _report(name, True, "two predictions per step (one batch of 2B), 20 steps")
     if answer == 20:
