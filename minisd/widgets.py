@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import torch
 
-from minisd.plotting import plot_schedules, show_row
+from minisd.plotting import plot_schedules, show_images, show_row
 from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
 
 # Fractions of the way through the schedule at which the explorer shows noised images.
@@ -72,7 +72,25 @@ def draw_schedule_explorer(
     return fig, ExplorerState(kind, num_timesteps, t, alpha_bar, float(sched.snr(t)), tuple(row_t))
 
 
-class ScheduleExplorer:
+class _Explorer:
+    """What every explorer shares: its figure shown as PNG bytes in `self.image` (widget state,
+    not cell output), and `self.widget` displayed when the explorer is the cell's value."""
+
+    image: object
+    widget: object
+
+    def _show(self, fig: plt.Figure) -> None:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=72)
+        self.image.value = buffer.getvalue()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+class ScheduleExplorer(_Explorer):
     """ipywidgets controls (kind, T, beta range, t) that redraw `draw_schedule_explorer`."""
 
     def __init__(self, x0: torch.Tensor) -> None:
@@ -120,12 +138,86 @@ class ScheduleExplorer:
             self.x0,
             fig=self._fig,
         )
-        buffer = io.BytesIO()
-        self._fig.savefig(buffer, format="png", dpi=72)
-        self.image.value = buffer.getvalue()
+        self._show(self._fig)
         return self.state
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
 
-        display(self.widget)
+# ----- notebook 05: prompt, guidance scale, sampler, steps, seed --------------------------------
+GUIDANCE_SAMPLERS = ("dpm++2m", "ddim")  # the few-step samplers; DDPM needs all T steps
+
+
+@dataclass(frozen=True)
+class GuidanceState:
+    """What the guidance explorer drew for one setting of its controls."""
+
+    prompt: str
+    scale: float
+    sampler: str
+    steps: int
+    seed: int
+    images: torch.Tensor | None  # (n, C, H, W) in [-1, 1], None if the settings were refused
+    error: str | None = None
+
+
+def draw_guidance_explorer(
+    model,
+    prompt: str,
+    scale: float,
+    sampler: str,
+    steps: int,
+    seed: int,
+    n: int = 8,
+    fig: plt.Figure | None = None,
+) -> tuple[plt.Figure, GuidanceState]:
+    """Draw n samples of `model` for `prompt` at guidance `scale`; return the figure and state.
+    Bad settings (an unknown sampler, a negative scale, ...) are shown as a message."""
+    from minisd.evaluation import generate
+
+    fig = fig or plt.figure(figsize=(8, 1.6))
+    fig.clear()
+    try:
+        config = model.sampler_config(sampler, int(steps))
+        images = generate(model, n, config, int(seed), cond=prompt, guidance_scale=scale)
+    except (ValueError, TypeError) as err:
+        fig.text(0.5, 0.5, f"invalid settings: {err}", ha="center", va="center", wrap=True)
+        return fig, GuidanceState(prompt, scale, sampler, steps, seed, None, str(err))
+    show_images(images, nrow=n, ax=fig.add_subplot(1, 1, 1))
+    fig.suptitle(f"{prompt!r}: guidance scale {scale:g}, {config.name}, seed {seed}", fontsize=10)
+    return fig, GuidanceState(prompt, scale, sampler, int(steps), int(seed), images)
+
+
+class GuidanceExplorer(_Explorer):
+    """ipywidgets controls (prompt, guidance scale, sampler, steps, seed) above a grid of
+    samples that `draw_guidance_explorer` redraws when a value changes (the prompt on Enter)."""
+
+    def __init__(self, model, prompt: str = "a handwritten seven", n: int = 8) -> None:
+        import ipywidgets as w
+
+        self.model, self.n = model, n
+        style, wide = {"description_width": "90px"}, w.Layout(width="420px")
+        self.prompt = w.Text(prompt, description="prompt", style=style, layout=wide,
+                             continuous_update=False)  # fmt: skip
+        self.scale = w.FloatSlider(3.0, min=0.0, max=10.0, step=0.5, description="guidance",
+                                   style=style, layout=wide)  # fmt: skip
+        self.sampler = w.Dropdown(options=GUIDANCE_SAMPLERS, value="dpm++2m",
+                                  description="sampler", style=style)  # fmt: skip
+        self.steps = w.IntSlider(20, min=2, max=50, description="steps", style=style, layout=wide)
+        self.seed = w.IntText(0, description="seed", style=style)
+        self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self.state: GuidanceState | None = None
+        controls = (self.prompt, self.scale, self.sampler, self.steps, self.seed)
+        for control in controls:
+            control.observe(lambda _: self.update(), names="value")
+        self.widget = w.VBox([w.VBox(list(controls)), self.image])  # controls never lose width
+        self._fig = plt.figure(figsize=(8, 1.6))
+        plt.close(self._fig)
+        self.update()
+
+    def update(self) -> GuidanceState:
+        """Redraw for the current control values and return what is shown."""
+        self._fig, self.state = draw_guidance_explorer(
+            self.model, self.prompt.value, self.scale.value, self.sampler.value,
+            self.steps.value, self.seed.value, self.n, fig=self._fig,
+        )  # fmt: skip
+        self._show(self._fig)
+        return self.state

@@ -358,3 +358,30 @@ def test_train_noisy_classifier_exports_a_loadable_classifier(tmp_path, monkeypa
                   "--export", str(tmp_path / "noisy.pt")])  # fmt: skip
     with pytest.raises(ValueError, match="not a minisd noisy classifier"):
         load_noisy_classifier(vae_path)
+
+
+def test_guidance_explorer_redraws_what_generate_draws(tiny_text_checkpoint):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minisd.evaluation import generate
+    from minisd.pretrained import load_diffusion
+    from minisd.widgets import GuidanceExplorer, draw_guidance_explorer
+
+    model = load_diffusion(tiny_text_checkpoint)
+    ex = GuidanceExplorer(model, "seven", n=3)
+    assert ex.state.error is None and ex.image.value[:8] == b"\x89PNG\r\n\x1a\n"
+    ex.steps.value = 3
+    ex.scale.value = 5.0
+    want = generate(model, 3, model.sampler_config("dpm++2m", 3), 0, cond="seven",
+                    guidance_scale=5.0)  # fmt: skip
+    assert ex.state.scale == 5.0 and torch.equal(ex.state.images, want)
+    ex.sampler.value, ex.seed.value, ex.prompt.value = "ddim", 4, "two"
+    assert (ex.state.sampler, ex.state.seed, ex.state.prompt) == ("ddim", 4, "two")
+    _, state = draw_guidance_explorer(model, "two", -1.0, "ddim", 3, 0, n=2)
+    assert state.images is None and ">= 0" in state.error  # refused, shown as a message
+    _, state = draw_guidance_explorer(model, "two", 1.0, "euler", 3, 0, n=2)
+    assert "unknown sampler" in state.error
+    plt.close("all")
