@@ -332,6 +332,57 @@ def compare_mechanisms(
 GUIDANCE_ACCURACY_BAR = {"standard": 0.99, "held_out": 0.90}
 
 
+def score_guided(
+    model: DiffusionModel,
+    cond: Any,
+    digits: torch.Tensor,
+    config: SamplerConfig | None = None,
+    seed: int = 0,
+    classifier=None,
+    reference: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    progress: bool = False,
+) -> tuple[dict, torch.Tensor]:
+    """One image per condition, scored: how often the classifier reads the digit each condition
+    asks for (`digit_accuracy`), the MNIST-FID against `reference` (train features), the
+    within-digit diversity (`metrics.within_class_diversity`) and the seconds per sample; and
+    the images."""
+    from minisd.metrics import frechet_distance, within_class_diversity
+
+    classifier = classifier or load_classifier()
+    reference = reference if reference is not None else reference_features(classifier)
+    digits = torch.as_tensor(digits).long().cpu()
+    start = time.perf_counter()
+    images = generate(model, len(digits), config, seed, progress=progress, cond=cond,
+                      guidance_scale=guidance_scale)  # fmt: skip
+    seconds = time.perf_counter() - start
+    row = digit_accuracy(images, digits, classifier)
+    features = classify(classifier, images)[0]
+    row["mnist_fid"] = frechet_distance(features, reference)
+    row["diversity"] = within_class_diversity(features, digits)
+    row["seconds_per_sample"] = seconds / len(digits)
+    return row, images
+
+
+def _first_per_digit(images: torch.Tensor, digits: torch.Tensor, keep: int) -> torch.Tensor:
+    first = [torch.nonzero(digits == d).flatten()[:keep] for d in range(10)]
+    return images[torch.cat(first)].contiguous()
+
+
+def real_digits_baseline(classifier, reference: torch.Tensor, n: int) -> dict:
+    """MNIST-FID and within-digit diversity of the first n real test digits: what samples at
+    the same n are measured against."""
+    from minisd.metrics import frechet_distance, within_class_diversity
+
+    test_images, test_labels = load_mnist(train=False, limit=n)
+    features = classify(classifier, test_images)[0]
+    return {
+        "n": len(test_images),
+        "mnist_fid": frechet_distance(features, reference),
+        "diversity": within_class_diversity(features, test_labels),
+    }
+
+
 def guidance_curve(
     model: DiffusionModel,
     scales: Sequence[float],
@@ -347,11 +398,10 @@ def guidance_curve(
 
     Per scale: the accuracy of the prompted digit from the training phrasings and from the
     held-out ones (n_per_digit samples per digit each), and for the training phrasings' samples
-    the MNIST-FID against `reference` (train features) and the within-digit diversity
-    (`metrics.within_class_diversity`). Also the same two for as many real test digits, the
-    baseline, and `keep` samples per digit of each scale (training phrasings).
+    the MNIST-FID, the within-digit diversity and the seconds per sample (`score_guided`). Also
+    the same two for as many real test digits, the baseline, and `keep` samples per digit of
+    each scale (training phrasings).
     """
-    from minisd.metrics import frechet_distance, within_class_diversity
     from minisd.text import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
 
     classifier = classifier or load_classifier()
@@ -361,24 +411,59 @@ def guidance_curve(
         row: dict[str, Any] = {"scale": float(scale)}
         for split, templates in (("standard", TRAIN_TEMPLATES), ("held_out", HELD_OUT_TEMPLATES)):
             prompts, digits = prompts_per_digit(templates, n_per_digit)
-            images = generate(model, len(digits), config, seed, progress=progress, cond=prompts,
-                              guidance_scale=scale)  # fmt: skip
-            row[split] = digit_accuracy(images, digits, classifier)
+            scored, images = score_guided(model, prompts, digits, config, seed, classifier,
+                                          reference, scale, progress)  # fmt: skip
             if split == "standard":
-                features = classify(classifier, images)[0]
-                row["mnist_fid"] = frechet_distance(features, reference)
-                row["diversity"] = within_class_diversity(features, digits)
-                first = [torch.nonzero(digits == d).flatten()[:keep] for d in range(10)]
-                kept[f"scale {scale:g}"] = images[torch.cat(first)].contiguous()
+                for key in ("mnist_fid", "diversity", "seconds_per_sample"):
+                    row[key] = scored.pop(key)
+                kept[f"scale {scale:g}"] = _first_per_digit(images, digits, keep)
+            row[split] = {k: v for k, v in scored.items() if k in _ACCURACY_KEYS}
         rows.append(row)
-    test_images, test_labels = load_mnist(train=False, limit=10 * n_per_digit)
-    features = classify(classifier, test_images)[0]
-    baseline = {
-        "n": len(test_images),
-        "mnist_fid": frechet_distance(features, reference),
-        "diversity": within_class_diversity(features, test_labels),
-    }
-    return rows, baseline, kept
+    return rows, real_digits_baseline(classifier, reference, 10 * n_per_digit), kept
+
+
+_ACCURACY_KEYS = ("accuracy", "per_digit", "confident_fraction", "n")
+
+
+def compare_guidance(
+    model: DiffusionModel,
+    noisy_classifier,
+    cfg_scales: Sequence[float],
+    cg_scales: Sequence[float],
+    n_per_digit: int = 100,
+    config: SamplerConfig | None = None,
+    seed: int = 0,
+    classifier=None,
+    reference: torch.Tensor | None = None,
+    keep: int = 2,
+    progress: bool = False,
+) -> tuple[list[dict], dict, dict[str, torch.Tensor]]:
+    """Classifier guidance beside classifier-free guidance, at matched settings.
+
+    The same text model, sampler, seed and n_per_digit samples per digit for both. Classifier-
+    free guidance prompts with the training phrasings at each of cfg_scales; classifier
+    guidance draws from the model's unconditional half (the empty prompt), steered by
+    `noisy_classifier` at each of cg_scales (`guidance.with_classifier_guidance`). Every row is
+    scored by the project classifier, not by the one that guided: accuracy, MNIST-FID,
+    diversity, seconds per sample (`score_guided`). Also the real-digit baseline and `keep`
+    samples per digit of each row.
+    """
+    from minisd.guidance import with_classifier_guidance
+    from minisd.text import TRAIN_TEMPLATES
+
+    classifier = classifier or load_classifier()
+    reference = reference if reference is not None else reference_features(classifier)
+    prompts, digits = prompts_per_digit(TRAIN_TEMPLATES, n_per_digit)
+    settings = [("classifier-free", s, model, prompts, s) for s in cfg_scales]
+    settings += [("classifier", s, with_classifier_guidance(model, noisy_classifier, s), digits,
+                  1.0) for s in cg_scales]  # fmt: skip
+    rows, kept = [], {}
+    for method, scale, sampled, cond, cfg_scale in settings:
+        row, images = score_guided(sampled, cond, digits, config, seed, classifier, reference,
+                                   cfg_scale, progress)  # fmt: skip
+        rows.append({"method": method, "scale": float(scale), **row})
+        kept[f"{method} {scale:g}"] = _first_per_digit(images, digits, keep)
+    return rows, real_digits_baseline(classifier, reference, 10 * n_per_digit), kept
 
 
 def best_guidance(rows: Sequence[dict]) -> tuple[dict, bool, str]:

@@ -272,17 +272,10 @@ def test_guidance_curve_command_writes_rows_samples_and_plot(tiny_text_checkpoin
                                                              monkeypatch):  # fmt: skip
     import json
 
-    from minisd import cli, evaluation
+    from minisd import cli
     from minisd.checkpoint import load_tensors
-    from minisd.classifier import MnistClassifier
 
-    torch.manual_seed(0)
-    classifier = MnistClassifier().eval()
-    images = torch.rand(20, 1, 28, 28) * 2 - 1
-    monkeypatch.setattr(evaluation, "load_classifier", lambda: classifier)
-    monkeypatch.setattr(evaluation, "reference_features", lambda c: torch.randn(50, 128))
-    test_set = lambda train, limit: (images[:limit], torch.arange(limit) % 10)  # noqa: E731
-    monkeypatch.setattr(evaluation, "load_mnist", test_set)
+    _stub_scoring(monkeypatch)
     out = tmp_path / "curve.json"
     cli.main(["guidance-curve", "--checkpoint", str(tiny_text_checkpoint), "--scales", "0", "1",
               "3", "--n-per-digit", "2", "--steps", "2", "--keep", "1",
@@ -385,3 +378,111 @@ def test_guidance_explorer_redraws_what_generate_draws(tiny_text_checkpoint):
     _, state = draw_guidance_explorer(model, "two", 1.0, "euler", 3, 0, n=2)
     assert "unknown sampler" in state.error
     plt.close("all")
+
+
+def _stub_scoring(monkeypatch):
+    """The project classifier, its reference features and the test set, small and random."""
+    from minisd import evaluation
+    from minisd.classifier import MnistClassifier
+
+    torch.manual_seed(0)
+    classifier = MnistClassifier().eval()
+    images = torch.rand(20, 1, 28, 28) * 2 - 1
+    monkeypatch.setattr(evaluation, "load_classifier", lambda: classifier)
+    monkeypatch.setattr(evaluation, "reference_features", lambda c: torch.randn(50, 128))
+    test_set = lambda train, limit: (images[:limit], torch.arange(limit) % 10)  # noqa: E731
+    monkeypatch.setattr(evaluation, "load_mnist", test_set)
+    return classifier
+
+
+def test_compare_guidance_scores_both_methods_at_the_same_settings(
+    tiny_text_checkpoint, tmp_path, monkeypatch
+):
+    import json
+
+    from minisd import cli, evaluation
+    from minisd.checkpoint import load_tensors
+    from minisd.guidance import NoisyClassifier, NoisyClassifierConfig
+    from minisd.pretrained import load_diffusion, save_noisy_classifier
+
+    classifier = _stub_scoring(monkeypatch)
+    torch.manual_seed(0)
+    noisy = NoisyClassifier(NoisyClassifierConfig(in_channels=1, model_channels=8)).eval()
+    clf_path = save_noisy_classifier(tmp_path / "noisy.safetensors", noisy,
+                                     NoiseSchedule("linear", 50))  # fmt: skip
+    out = tmp_path / "cg.json"
+    run = ["compare-guidance", "--checkpoint", str(tiny_text_checkpoint), "--classifier",
+           str(clf_path), "--n-per-digit", "2", "--steps", "2", "--keep", "1"]  # fmt: skip
+    cli.main(run + ["--cfg-scales", "1", "2", "--cg-scales", "0", "5", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert [(r["method"], r["scale"]) for r in results["rows"]] == [
+        ("classifier-free", 1.0), ("classifier-free", 2.0), ("classifier", 0.0), ("classifier", 5.0)
+    ]  # fmt: skip
+    for r in results["rows"]:
+        assert r["n"] == 20 and 0 <= r["accuracy"] <= 1 and len(r["per_digit"]) == 10
+        assert r["mnist_fid"] > 0 and r["diversity"] > 0 and r["seconds_per_sample"] > 0
+    kept, _ = load_tensors(out.with_suffix(".safetensors"))
+    assert set(kept) == {"classifier-free 1", "classifier-free 2", "classifier 0", "classifier 5"}
+    # classifier guidance at scale 0 is the unconditional model; both are scored by the project
+    # classifier, on the digit each sample was asked for
+    model = load_diffusion(tiny_text_checkpoint)
+    digits = torch.arange(10).repeat_interleave(2)
+    unconditional = evaluation.generate(model, 20, model.sampler_config("dpm++2m", 2), 0)
+    torch.testing.assert_close(kept["classifier 0"], unconditional[::2])
+    expected = evaluation.digit_accuracy(unconditional, digits, classifier)["accuracy"]
+    assert results["rows"][2]["accuracy"] == pytest.approx(expected)
+    other = save_noisy_classifier(tmp_path / "other.safetensors", noisy,
+                                  NoiseSchedule("cosine", 50))  # fmt: skip
+    with pytest.raises(ValueError, match="another noise schedule"):
+        cli.main(["compare-guidance", "--checkpoint", str(tiny_text_checkpoint), "--classifier",
+                  str(other), "--out", str(tmp_path / "x.json")])  # fmt: skip
+    with pytest.raises(ValueError, match="distinct guidance scales"):
+        cli.main(run + ["--cg-scales", "1", "1", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(ValueError, match="does not exist"):
+        cli.main(run + ["--out", str(tmp_path / "missing" / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_compare_samplers_scores_a_text_model_on_its_prompts(
+    tiny_text_checkpoint, tmp_path, monkeypatch
+):
+    import json
+
+    from minisd import cli, evaluation
+    from minisd.pretrained import load_diffusion
+    from minisd.text import TRAIN_TEMPLATES
+
+    classifier = _stub_scoring(monkeypatch)
+    monkeypatch.setattr("minisd.classifier.load_classifier", lambda: classifier)
+    monkeypatch.setattr("minisd.metrics.reference_features", lambda c: torch.randn(50, 128))
+    out = tmp_path / "samplers.json"
+    run = [
+        "compare-samplers",
+        "--checkpoint",
+        str(tiny_text_checkpoint),
+        "--n",
+        "20",
+        "--ddim-steps",
+        "2",
+        "--dpm-steps",
+        "2",
+        "3",
+        "--guidance",
+        "2",
+        "--keep",
+        "4",
+    ]
+    cli.main(run + ["--out", str(out)])
+    results = json.loads(out.read_text())
+    assert [r["name"] for r in results["rows"]] == ["DDIM-2", "DPM++2M-2", "DPM++2M-3"]
+    assert results["guidance_scale"] == 2.0
+    model = load_diffusion(tiny_text_checkpoint)
+    prompts, digits = evaluation.prompts_per_digit(TRAIN_TEMPLATES, 2)
+    images = evaluation.generate(model, 20, model.sampler_config("dpm++2m", 3), 0, cond=prompts,
+                                 guidance_scale=2.0)  # fmt: skip
+    expected = evaluation.digit_accuracy(images, digits, classifier)["accuracy"]
+    assert results["rows"][2]["accuracy"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="multiple of 10"):
+        cli.main(run[:4] + ["15", "--out", str(out)])
+    with pytest.raises(ValueError, match="does not exist"):
+        cli.main(run + ["--out", str(tmp_path / "no" / "s.json")])

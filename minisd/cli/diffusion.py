@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from minisd import unet as unet_module
-from minisd.cli.options import add_device_and_seed
+from minisd.cli.options import add_device_and_seed, check_output
 from minisd.conditioning import ConditionedUNet
 from minisd.course import get_device, hardware
 from minisd.data import LOADERS, load_dataset
@@ -303,29 +303,45 @@ def cmd_evaluate_text(args: argparse.Namespace) -> None:
 
 
 def cmd_compare_samplers(args: argparse.Namespace) -> None:
+    """Seconds per sample and quality for each sampler setting. A text model is prompted with
+    the training phrasings (n / 10 per digit) at --guidance and also scored for accuracy."""
     from minisd.classifier import load_classifier
-    from minisd.evaluation import save_results, score
+    from minisd.conditioning import TextConditioner
+    from minisd.evaluation import prompts_per_digit, save_results, score, score_guided
     from minisd.metrics import reference_features
+    from minisd.text import TRAIN_TEMPLATES
 
+    check_output(args.out, "--out", ("json",))
     model = load_diffusion(args.checkpoint, device=get_device(args.device))
     settings = [model.sampler_config("ddim", s) for s in args.ddim_steps]
+    settings += [model.sampler_config("dpm++2m", s) for s in args.dpm_steps]
     if args.ddpm:
         settings.append(model.sampler_config("ddpm", model.schedule.num_timesteps))
+    text = isinstance(model.conditioner, TextConditioner)
+    if text and args.n % 10:
+        raise ValueError(
+            f"--n must be a multiple of 10 for a text model (n/10 per digit), got {args.n}"
+        )
     classifier = load_classifier()
     reference = reference_features(classifier)
     rows, grids = [], {}
     for setting in settings:
-        result = score(
-            model, args.n, setting, args.seed, classifier=classifier, reference=reference
-        )
-        grids[setting.name] = result.pop("samples")[: args.keep]
+        if text:
+            prompts, digits = prompts_per_digit(TRAIN_TEMPLATES, args.n // 10)
+            result, samples = score_guided(model, prompts, digits, setting, args.seed, classifier,
+                                           reference, args.guidance, progress=True)  # fmt: skip
+            result = {"setting": dataclasses.asdict(setting), "name": setting.name, **result}
+            quality = f"accuracy {result['accuracy']:.1%}, FID {result['mnist_fid']:.2f}"
+        else:
+            result = score(model, args.n, setting, args.seed, classifier=classifier,
+                           reference=reference)  # fmt: skip
+            samples, r = result.pop("samples"), result["report"]
+            quality = (f"FID {r['mnist_fid']:.2f}, KID {r['kid_mean']:.4f}, "
+                       f"confident {r['confident_fraction']:.1%}")  # fmt: skip
+        grids[setting.name] = samples[: args.keep]
         rows.append(result)
-        r = result["report"]
-        print(
-            f"{setting.name:>10}: {result['seconds_per_sample'] * 1000:.0f} ms/sample, "
-            f"FID {r['mnist_fid']:.2f}, KID {r['kid_mean']:.4f}, "
-            f"confident {r['confident_fraction']:.1%} (n={args.n})"
-        )
+        ms = result["seconds_per_sample"] * 1000
+        print(f"{setting.name:>12}: {ms:.0f} ms/sample, {quality} (n={args.n})")
     results = {
         "command": command_line(args),
         "hardware": hardware(),
@@ -334,6 +350,8 @@ def cmd_compare_samplers(args: argparse.Namespace) -> None:
         "n": args.n,
         "rows": rows,
     }
+    if text:
+        results["guidance_scale"] = args.guidance
     out, kept = save_results(args.out, results, grids)
     print(f"wrote {out} and {kept.name}")
 
@@ -442,11 +460,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_device_and_seed(et)
     et.set_defaults(func=cmd_evaluate_text)
 
-    c = sub.add_parser("compare-samplers", help="DDPM vs DDIM: time per sample and sample quality")
+    c = sub.add_parser(
+        "compare-samplers", help="DDPM, DDIM, DPM-Solver++: time per sample and sample quality"
+    )
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--n", type=int, default=200, help="samples per sampler setting")
     c.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 20, 50, 100])
+    c.add_argument("--dpm-steps", type=int, nargs="*", default=[], help="DPM-Solver++(2M) steps")
     c.add_argument("--ddpm", action="store_true", help="also run full DDPM (slow: T steps)")
+    c.add_argument("--guidance", type=float, default=1.0, help="text models: guidance scale")
     c.add_argument("--keep", type=int, default=16, help="samples per setting kept for display")
     c.add_argument("--out", required=True, help="results .json (samples go beside it)")
     add_device_and_seed(c)

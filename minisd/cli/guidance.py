@@ -5,6 +5,9 @@
     python -m minisd guidance-curve --out data/results/guidance_curve.json
     python -m minisd train-noisy-classifier --vae data/checkpoints/vae_mnist_f4.safetensors \
         --steps 3000 --export data/checkpoints/noisy_classifier_f4.safetensors
+    python -m minisd compare-guidance \
+        --classifier data/checkpoints/noisy_classifier_f4.safetensors \
+        --out data/results/classifier_guidance.json
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 
 from minisd.checkpoint import atomic_write, write_sidecar
-from minisd.cli.options import add_device_and_seed
+from minisd.cli.options import add_device_and_seed, check_output
 from minisd.course import get_device, hardware
 from minisd.pretrained import CHECKPOINTS, load_diffusion
 from minisd.provenance import command_line
@@ -24,20 +27,6 @@ from minisd.schedule import SCHEDULE_KINDS
 
 TEXT_MODEL = CHECKPOINTS / "ldm_text_mnist.safetensors"  # the course's shipped text model
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
-
-
-def _check_output(path: str | None, flag: str, suffixes: tuple[str, ...]) -> Path | None:
-    """An output path that can be written, checked before any sampling starts."""
-    if not path:
-        return None
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise ValueError(f"{flag} {path}: the folder {out.parent} does not exist; create it first")
-    if out.suffix.lower().lstrip(".") not in suffixes:
-        raise ValueError(f"{flag} {path}: expected a file ending in one of .{', .'.join(suffixes)}")
-    if out.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name")
-    return out
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -50,8 +39,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from minisd.text import check_prompts
 
     prompts = check_prompts(args.prompts)
-    out = _check_output(args.out, "--out", IMAGE_FORMATS)
-    tensor_out = _check_output(args.save_tensor, "--save-tensor", ("pt",))
+    out = check_output(args.out, "--out", IMAGE_FORMATS)
+    tensor_out = check_output(args.save_tensor, "--save-tensor", ("pt",))
     if out is None and tensor_out is None:
         raise ValueError("nothing to write: give --out (an image) and/or --save-tensor (a .pt)")
     if args.n < 1:
@@ -89,7 +78,7 @@ def cmd_guidance_curve(args: argparse.Namespace) -> None:
     from minisd.evaluation import best_guidance, guidance_curve, save_results
     from minisd.plotting import plot_guidance_curve
 
-    out = _check_output(args.out, "--out", ("json",))
+    out = check_output(args.out, "--out", ("json",))
     if not args.scales or len(set(args.scales)) != len(args.scales):
         raise ValueError(f"--scales must list distinct guidance scales, got {args.scales}")
     model, config = _text_model(args)
@@ -127,6 +116,49 @@ def cmd_guidance_curve(args: argparse.Namespace) -> None:
     print(f"wrote {path}, {samples_path.name} and {out.with_suffix('.png').name}")
 
 
+def cmd_compare_guidance(args: argparse.Namespace) -> None:
+    """Classifier guidance beside classifier-free guidance on one text model, same settings."""
+    from minisd.evaluation import compare_guidance, save_results
+    from minisd.pretrained import load_noisy_classifier
+
+    out = check_output(args.out, "--out", ("json",))
+    for flag, scales in (("--cfg-scales", args.cfg_scales), ("--cg-scales", args.cg_scales)):
+        if not scales or len(set(scales)) != len(scales):
+            raise ValueError(f"{flag} must list distinct guidance scales, got {scales}")
+    model, config = _text_model(args)
+    noisy = load_noisy_classifier(args.classifier, device=model.device)
+    if noisy.schedule.to_dict() != model.schedule.to_dict():
+        raise ValueError(f"{args.classifier} was trained on another noise schedule than "
+                         f"{args.checkpoint}; retrain it with that model's --schedule")  # fmt: skip
+    n = len(args.cfg_scales) + len(args.cg_scales)
+    print(f"{n} settings x {10 * args.n_per_digit} samples, {config.name}")
+    rows, baseline, kept = compare_guidance(model, noisy, args.cfg_scales, args.cg_scales,
+                                            args.n_per_digit, config, args.seed, keep=args.keep,
+                                            progress=True)  # fmt: skip
+    print(
+        f"{'method':>16} {'scale':>6} {'accuracy':>9} {'FID':>7} {'diversity':>10} {'s/sample':>9}"
+    )
+    for r in rows:
+        print(f"{r['method']:>16} {r['scale']:>6g} {r['accuracy']:>9.1%} {r['mnist_fid']:>7.2f} "
+              f"{r['diversity']:>10.2f} {r['seconds_per_sample']:>9.3f}")  # fmt: skip
+    print(
+        f"{'real':>16} {'':>6} {'':>9} {baseline['mnist_fid']:>7.2f} {baseline['diversity']:>10.2f}"
+    )
+    results = {
+        "command": command_line(args),
+        "hardware": hardware(),
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": model.metadata["weights_sha256"],
+        "noisy_classifier": str(args.classifier),
+        "sampler": config.name,
+        "n_per_digit": args.n_per_digit,
+        "rows": rows,
+        "baseline": baseline,
+    }
+    path, samples_path = save_results(out, results, kept)
+    print(f"wrote {path} and {samples_path.name}")
+
+
 def cmd_train_noisy_classifier(args: argparse.Namespace) -> None:
     """Classifier guidance's classifier: p(y | z_t, t) on an autoencoder's noised latents."""
     import dataclasses
@@ -140,7 +172,7 @@ def cmd_train_noisy_classifier(args: argparse.Namespace) -> None:
     from minisd.summary import count_parameters
     from minisd.train import TrainConfig, fit
 
-    export = _check_output(args.export, "--export", ("safetensors",))
+    export = check_output(args.export, "--export", ("safetensors",))
     device = get_device(args.device)
     vae = load_autoencoder(args.vae, device=device)
     images, labels = load_mnist(train=True, limit=args.limit)
@@ -226,6 +258,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="results .json (samples and plot go beside it)")
     add_device_and_seed(c)
     c.set_defaults(func=cmd_guidance_curve)
+
+    cg = sub.add_parser(
+        "compare-guidance",
+        help="classifier guidance vs classifier-free guidance: accuracy, FID, diversity, time",
+    )
+    cg.add_argument("--checkpoint", default=str(TEXT_MODEL), help="a text-to-image model")
+    cg.add_argument("--classifier", required=True, help="a noisy classifier of its latents")
+    cg.add_argument("--cfg-scales", type=float, nargs="+", default=[1, 3])
+    cg.add_argument("--cg-scales", type=float, nargs="+", default=[0, 1, 3, 10])
+    cg.add_argument("--n-per-digit", type=int, default=100, help="samples per digit and setting")
+    cg.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpm++2m")
+    cg.add_argument("--steps", type=int, default=20)
+    cg.add_argument("--keep", type=int, default=2, help="samples kept per digit and setting")
+    cg.add_argument("--out", required=True, help="results .json (samples go beside it)")
+    add_device_and_seed(cg)
+    cg.set_defaults(func=cmd_compare_guidance)
 
     n = sub.add_parser(
         "train-noisy-classifier", help="classifier guidance's classifier of noisy latents"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_device_and_seed(parser: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -18,3 +19,17 @@ def check_unique(flag: str, values: list[str]) -> None:
     """A list option (--spaces, --mechanisms) names each choice at most once."""
     if len(set(values)) != len(values):
         raise ValueError(f"{flag} lists a choice twice: {values}")
+
+
+def check_output(path: str | None, flag: str, suffixes: tuple[str, ...]) -> Path | None:
+    """An output path that can be written, checked before any sampling starts."""
+    if not path:
+        return None
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {out.parent} does not exist; create it first")
+    if out.suffix.lower().lstrip(".") not in suffixes:
+        raise ValueError(f"{flag} {path}: expected a file ending in one of .{', .'.join(suffixes)}")
+    if out.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    return out
