@@ -425,6 +425,16 @@ def guidance_curve(
 _ACCURACY_KEYS = ("accuracy", "per_digit", "confident_fraction", "n")
 
 
+@torch.no_grad()
+def _noisy_accuracy_at_0(noisy_classifier, model: DiffusionModel, images, digits) -> float:
+    """How often a noisy classifier of `model`'s latents reads `digits` in clean `images`."""
+    x = images if model.vae is None else encode_images(model.vae, images)
+    device = next(noisy_classifier.parameters()).device
+    logits = torch.cat([noisy_classifier(b.to(device), torch.zeros(len(b), dtype=torch.long,
+                        device=device)).cpu() for b in x.split(500)])  # fmt: skip
+    return (logits.argmax(1) == digits).float().mean().item()
+
+
 def compare_guidance(
     model: DiffusionModel,
     noisy_classifier,
@@ -445,8 +455,9 @@ def compare_guidance(
     guidance draws from the model's unconditional half (the empty prompt), steered by
     `noisy_classifier` at each of cg_scales (`guidance.with_classifier_guidance`). Every row is
     scored by the project classifier, not by the one that guided: accuracy, MNIST-FID,
-    diversity, seconds per sample (`score_guided`). Also the real-digit baseline and `keep`
-    samples per digit of each row.
+    diversity, seconds per sample (`score_guided`); and `guide_accuracy`, how often the
+    guiding classifier itself (at t = 0, on the samples' re-encoded latents) reads the asked
+    digit. Also the real-digit baseline and `keep` samples per digit of each row.
     """
     from minisd.guidance import with_classifier_guidance
     from minisd.text import TRAIN_TEMPLATES
@@ -461,7 +472,8 @@ def compare_guidance(
     for method, scale, sampled, cond, cfg_scale in settings:
         row, images = score_guided(sampled, cond, digits, config, seed, classifier, reference,
                                    cfg_scale, progress)  # fmt: skip
-        rows.append({"method": method, "scale": float(scale), **row})
+        guide = _noisy_accuracy_at_0(noisy_classifier, model, images, digits)
+        rows.append({"method": method, "scale": float(scale), **row, "guide_accuracy": guide})
         kept[f"{method} {scale:g}"] = _first_per_digit(images, digits, keep)
     return rows, real_digits_baseline(classifier, reference, 10 * n_per_digit), kept
 

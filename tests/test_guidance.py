@@ -421,6 +421,7 @@ def test_compare_guidance_scores_both_methods_at_the_same_settings(
     for r in results["rows"]:
         assert r["n"] == 20 and 0 <= r["accuracy"] <= 1 and len(r["per_digit"]) == 10
         assert r["mnist_fid"] > 0 and r["diversity"] > 0 and r["seconds_per_sample"] > 0
+        assert 0 <= r["guide_accuracy"] <= 1
     kept, _ = load_tensors(out.with_suffix(".safetensors"))
     assert set(kept) == {"classifier-free 1", "classifier-free 2", "classifier 0", "classifier 5"}
     # classifier guidance at scale 0 is the unconditional model; both are scored by the project
@@ -431,6 +432,9 @@ def test_compare_guidance_scores_both_methods_at_the_same_settings(
     torch.testing.assert_close(kept["classifier 0"], unconditional[::2])
     expected = evaluation.digit_accuracy(unconditional, digits, classifier)["accuracy"]
     assert results["rows"][2]["accuracy"] == pytest.approx(expected)
+    t0 = torch.zeros(20, dtype=torch.long)
+    guide = (noisy(unconditional, t0).argmax(1) == digits).float().mean().item()  # pixel model
+    assert results["rows"][2]["guide_accuracy"] == pytest.approx(guide)
     other = save_noisy_classifier(tmp_path / "other.safetensors", noisy,
                                   NoiseSchedule("cosine", 50))  # fmt: skip
     with pytest.raises(ValueError, match="another noise schedule"):

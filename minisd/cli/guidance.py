@@ -135,15 +135,14 @@ def cmd_compare_guidance(args: argparse.Namespace) -> None:
     rows, baseline, kept = compare_guidance(model, noisy, args.cfg_scales, args.cg_scales,
                                             args.n_per_digit, config, args.seed, keep=args.keep,
                                             progress=True)  # fmt: skip
-    print(
-        f"{'method':>16} {'scale':>6} {'accuracy':>9} {'FID':>7} {'diversity':>10} {'s/sample':>9}"
-    )
+    print(f"{'method':>16} {'scale':>6} {'accuracy':>9} {'guide':>6} {'FID':>7} {'diversity':>10} "
+          f"{'s/sample':>9}")  # fmt: skip
     for r in rows:
-        print(f"{r['method']:>16} {r['scale']:>6g} {r['accuracy']:>9.1%} {r['mnist_fid']:>7.2f} "
-              f"{r['diversity']:>10.2f} {r['seconds_per_sample']:>9.3f}")  # fmt: skip
-    print(
-        f"{'real':>16} {'':>6} {'':>9} {baseline['mnist_fid']:>7.2f} {baseline['diversity']:>10.2f}"
-    )
+        print(f"{r['method']:>16} {r['scale']:>6g} {r['accuracy']:>9.1%} "
+              f"{r['guide_accuracy']:>6.1%} {r['mnist_fid']:>7.2f} {r['diversity']:>10.2f} "
+              f"{r['seconds_per_sample']:>9.3f}")  # fmt: skip
+    print(f"{'real':>16} {'':>6} {'':>9} {'':>6} {baseline['mnist_fid']:>7.2f} "
+          f"{baseline['diversity']:>10.2f}")  # fmt: skip
     results = {
         "command": command_line(args),
         "hardware": hardware(),
