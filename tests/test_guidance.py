@@ -490,3 +490,38 @@ def test_compare_samplers_scores_a_text_model_on_its_prompts(
         cli.main(run[:4] + ["15", "--out", str(out)])
     with pytest.raises(ValueError, match="does not exist"):
         cli.main(run + ["--out", str(tmp_path / "no" / "s.json")])
+
+
+def test_generate_rejects_bad_settings_before_sampling(tiny_text_checkpoint, tmp_path, capsys):
+    """Zero or negative steps, a NaN or negative scale, an unknown sampler, no prompts or a
+    non-string prompt: each a clear error, and nothing written."""
+    from minisd import cli
+    from minisd.evaluation import generate
+    from minisd.pretrained import load_diffusion
+
+    run = ["generate", "seven", "--checkpoint", str(tiny_text_checkpoint),
+           "--out", str(tmp_path / "g.png")]  # fmt: skip
+    for extra, match in (
+        (["--steps", "0"], "steps must be a positive int, got 0"),
+        (["--steps", "-3"], "steps must be a positive int, got -3"),
+        (["--steps", "60"], r"num_steps must be an int in \[1, 49\]"),
+        (["--guidance", "nan"], "finite and >= 0"),
+        (["--guidance", "-2"], "finite and >= 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            cli.main(run + extra)
+    for args in (run + ["--sampler", "euler"], ["generate", "--out", str(tmp_path / "g.png")]):
+        with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the choices
+            cli.main(args)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'euler'" in err and "dpm++2m" in err
+    assert "the following arguments are required: prompts" in err
+    assert not list(tmp_path.iterdir())
+    model = load_diffusion(tiny_text_checkpoint)
+    with pytest.raises(ValueError, match="empty list of prompts"):
+        generate(model, 2, model.sampler_config("ddim", 2), cond=[])
+    with pytest.raises(TypeError, match="prompts must be strings, got int 7"):
+        generate(model, 2, model.sampler_config("ddim", 2), cond=["seven", 7])
+    with pytest.raises(ValueError, match="unknown sampler .euler.; choose one of ddim, ddpm, dpm"):
+        model.sampler_config("euler", 10)

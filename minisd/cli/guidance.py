@@ -35,10 +35,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
 
     from minisd.evaluation import generate
+    from minisd.guidance import check_scale
     from minisd.plotting import show_prompt_rows
     from minisd.text import check_prompts
 
     prompts = check_prompts(args.prompts)
+    check_scale(args.guidance)  # a bad scale fails before the model loads
     out = check_output(args.out, "--out", IMAGE_FORMATS)
     tensor_out = check_output(args.save_tensor, "--save-tensor", ("pt",))
     if out is None and tensor_out is None:
