@@ -401,7 +401,7 @@ def test_compare_guidance_scores_both_methods_at_the_same_settings(
     import json
 
     from minisd import cli, evaluation
-    from minisd.checkpoint import load_tensors
+    from minisd.checkpoint import file_sha256, load_tensors
     from minisd.guidance import NoisyClassifier, NoisyClassifierConfig
     from minisd.pretrained import load_diffusion, save_noisy_classifier
 
@@ -415,6 +415,7 @@ def test_compare_guidance_scores_both_methods_at_the_same_settings(
            str(clf_path), "--n-per-digit", "2", "--steps", "2", "--keep", "1"]  # fmt: skip
     cli.main(run + ["--cfg-scales", "1", "2", "--cg-scales", "0", "5", "--out", str(out)])
     results = json.loads(out.read_text())
+    assert results["noisy_classifier_sha256"] == file_sha256(clf_path)
     assert [(r["method"], r["scale"]) for r in results["rows"]] == [
         ("classifier-free", 1.0), ("classifier-free", 2.0), ("classifier", 0.0), ("classifier", 5.0)
     ]  # fmt: skip

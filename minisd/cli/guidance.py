@@ -151,6 +151,7 @@ def cmd_compare_guidance(args: argparse.Namespace) -> None:
         "checkpoint": str(args.checkpoint),
         "checkpoint_sha256": model.metadata["weights_sha256"],
         "noisy_classifier": str(args.classifier),
+        "noisy_classifier_sha256": noisy.metadata["weights_sha256"],
         "sampler": config.name,
         "n_per_digit": args.n_per_digit,
         "rows": rows,
