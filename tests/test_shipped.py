@@ -397,3 +397,44 @@ def test_conditioning_comparison_trained_every_mechanism_on_one_budget():
         assert all(s["n"] == n and s["accuracy"] > 0.1 for s in splits.values())  # beats chance
     kept, _ = load_tensors(CONDITIONING.with_suffix(".safetensors"))
     assert {k: tuple(v.shape[1:]) for k, v in kept.items()} == dict.fromkeys(rows, (1, 28, 28))
+
+
+# ----- lesson 05: make demo, the guidance curve, classifier guidance, the fast sampler ----------
+def _demo_command() -> list[str]:
+    """The `python -m minisd generate ...` line of the Makefile's demo target, as arguments."""
+    import shlex
+
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    line = next(s for s in recipe.splitlines() if "-m minisd generate" in s)
+    return shlex.split(line.split("-m minisd", 1)[1])
+
+
+@needs_classifier
+@needs(TEXT)
+def test_make_demo_draws_the_prompted_digits_from_the_shipped_model(tmp_path):
+    import time
+
+    from minisd import cli
+    from minisd.text import DIGIT_WORDS
+
+    def digit_of(prompt: str) -> int:  # the one digit a demo prompt names, as "2" or "two"
+        named = [d for d, w in enumerate(DIGIT_WORDS) if str(d) in prompt or w in prompt.split()]
+        assert len(named) == 1, prompt
+        return named[0]
+
+    args = _demo_command()
+    assert args[0] == "generate" and "$(DEMO_OUT)" in args
+    prompts = [a for a in args[1:] if not a.startswith("--")][: args.index("--n") - 1]
+    out, pt = tmp_path / "demo.png", tmp_path / "demo.pt"
+    args = [str(out) if a == "$(DEMO_OUT)" else a for a in args] + ["--save-tensor", str(pt)]
+    start = time.perf_counter()
+    cli.main(args)
+    seconds = time.perf_counter() - start
+    assert out.read_bytes()[:4] == b"\x89PNG" and seconds < 120  # seconds on a laptop CPU
+    images = torch.load(pt)
+    per = int(args[args.index("--n") + 1])
+    assert images.shape == (len(prompts) * per, 1, 28, 28)
+    drawn = classify(load_classifier(), images)[1].argmax(1).view(len(prompts), per)
+    for prompt, row in zip(prompts, drawn, strict=True):  # digits and number words alike
+        assert (row == digit_of(prompt)).float().mean() >= 0.75, (prompt, row.tolist())
