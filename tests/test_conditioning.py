@@ -229,7 +229,9 @@ def test_compare_conditioning_command_writes_rows_and_samples(tmp_path, monkeypa
     cli.main(["compare-conditioning", "--vae", str(vae_path), "--preset", "TINY",
               "--mechanisms", "concat", "class", "--steps", "2", "--batch-size", "4",
               "--n-per-digit", "1", "--sampler-steps", "2", "--keep", "1",
+              "--latent-cache", str(tmp_path / "latents.safetensors"),
               "--out", str(out)])  # fmt: skip
+    assert load_tensors(tmp_path / "latents.safetensors")[0]["latents"].shape == (20, 4, 8, 8)
     results = json.loads(out.read_text())
     assert [r["mechanism"] for r in results["rows"]] == ["concat", "class"]
     assert results["command"].startswith("python -m minisd compare-conditioning --vae")
@@ -241,3 +243,6 @@ def test_compare_conditioning_command_writes_rows_and_samples(tmp_path, monkeypa
     with pytest.raises(ValueError, match="twice"):
         cli.main(["compare-conditioning", "--vae", str(vae_path), "--steps", "1",
                   "--mechanisms", "class", "class", "--out", str(out)])  # fmt: skip
+    with pytest.raises(ValueError, match="does not exist"):
+        cli.main(["compare-conditioning", "--vae", str(vae_path), "--steps", "1",
+                  "--out", str(tmp_path / "missing" / "c.json")])  # fmt: skip

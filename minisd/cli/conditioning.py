@@ -10,11 +10,11 @@ import argparse
 import dataclasses
 
 from minisd import unet as unet_module
-from minisd.cli.options import add_device_and_seed, check_unique
+from minisd.cli.options import add_device_and_seed, check_output, check_unique
 from minisd.conditioning import MECHANISMS
 from minisd.course import get_device, hardware
 from minisd.data import load_mnist
-from minisd.latent import encode_images
+from minisd.latent import cached_latents, encode_images
 from minisd.pretrained import load_autoencoder
 from minisd.provenance import command_line
 from minisd.train import TrainConfig
@@ -26,11 +26,16 @@ def cmd_compare_conditioning(args: argparse.Namespace) -> None:
     from minisd.evaluation import compare_mechanisms, save_results
 
     check_unique("--mechanisms", args.mechanisms)
+    check_output(args.out, "--out", ("json",))
     device = get_device(args.device)
     vae = load_autoencoder(args.vae, device=device)
     images, labels = load_mnist(train=True, limit=args.limit)
     test_images, test_labels = load_mnist(train=False, limit=10 * args.n_per_digit)
-    latents = encode_images(vae, images, progress=True)
+    if args.latent_cache:  # encode the training digits once, reuse them on the next run
+        latents = cached_latents(vae, images, check_output(args.latent_cache, "--latent-cache",
+                                                           ("safetensors",)))  # fmt: skip
+    else:
+        latents = encode_images(vae, images, progress=True)
     base = dataclasses.replace(
         getattr(unet_module, args.preset),
         in_channels=latents.shape[1],
@@ -94,5 +99,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--sampler-steps", type=int, default=20, help="DDIM steps")
     c.add_argument("--keep", type=int, default=2, help="samples kept per digit for display")
     c.add_argument("--out", required=True, help="results .json (samples go beside it)")
+    c.add_argument(
+        "--latent-cache", default=None, help="a .safetensors file keeping the encoded digits"
+    )
     add_device_and_seed(c)
     c.set_defaults(func=cmd_compare_conditioning)
