@@ -36,3 +36,19 @@ def portable_command(command: str) -> str:
     'python -m minisd train --steps 9 --run-dir RUN_DIR --resume'
     """
     return re.sub(r"--run-dir(=|\s+)\S+", "--run-dir RUN_DIR", command)
+
+
+REPO = Path(__file__).resolve().parent.parent  # paths in sidecars and results are relative to it
+
+
+def repo_path(path: str | Path) -> str:
+    """A path as results files record it: relative to the repository when inside it (so the
+    record holds on another clone), otherwise as given.
+
+    >>> repo_path(REPO / "data" / "checkpoints" / "m.safetensors")
+    'data/checkpoints/m.safetensors'
+    """
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(REPO):
+        return resolved.relative_to(REPO).as_posix()
+    return str(path)

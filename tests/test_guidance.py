@@ -526,3 +526,14 @@ def test_generate_rejects_bad_settings_before_sampling(tiny_text_checkpoint, tmp
         generate(model, 2, model.sampler_config("ddim", 2), cond=["seven", 7])
     with pytest.raises(ValueError, match="unknown sampler .euler.; choose one of ddim, ddpm, dpm"):
         model.sampler_config("euler", 10)
+
+
+def test_results_record_repository_paths_that_hold_on_another_clone(tmp_path):
+    from minisd.pretrained import CHECKPOINTS
+    from minisd.provenance import repo_path
+
+    assert repo_path(CHECKPOINTS / "ldm_text_mnist.safetensors") == (
+        "data/checkpoints/ldm_text_mnist.safetensors"
+    )  # the commands' default, an absolute path, is recorded relative to the repository
+    assert repo_path("data/checkpoints/x.safetensors") == "data/checkpoints/x.safetensors"
+    assert repo_path(tmp_path / "m.safetensors") == str(tmp_path / "m.safetensors")

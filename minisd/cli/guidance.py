@@ -21,7 +21,7 @@ from minisd.checkpoint import atomic_write, write_sidecar
 from minisd.cli.options import add_device_and_seed, check_output
 from minisd.course import get_device, hardware
 from minisd.pretrained import CHECKPOINTS, load_diffusion
-from minisd.provenance import command_line
+from minisd.provenance import command_line, repo_path
 from minisd.sampling import SAMPLERS
 from minisd.schedule import SCHEDULE_KINDS
 
@@ -101,7 +101,7 @@ def cmd_guidance_curve(args: argparse.Namespace) -> None:
     results = {
         "command": command_line(args),
         "hardware": hardware(),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": repo_path(args.checkpoint),
         "checkpoint_sha256": model.metadata["weights_sha256"],
         "sampler": config.name,
         "n_per_digit": args.n_per_digit,
@@ -148,9 +148,9 @@ def cmd_compare_guidance(args: argparse.Namespace) -> None:
     results = {
         "command": command_line(args),
         "hardware": hardware(),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": repo_path(args.checkpoint),
         "checkpoint_sha256": model.metadata["weights_sha256"],
-        "noisy_classifier": str(args.classifier),
+        "noisy_classifier": repo_path(args.classifier),
         "noisy_classifier_sha256": noisy.metadata["weights_sha256"],
         "sampler": config.name,
         "n_per_digit": args.n_per_digit,
