@@ -142,11 +142,14 @@ def test_shipped_autoencoder_sidecar_meets_its_bar(checkpoint, latent_shape):
     assert sidecar["scale_factor"]["value"] == sidecar["autoencoder_config"]["scale_factor"]
 
 
-@needs(VAE_F4)
-@pytest.mark.skipif(
+needs_mnist = pytest.mark.skipif(
     not (data_root() / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists(),
     reason="real MNIST not in the data folder (set MINISD_DATA, as .ci/run does)",
 )
+
+
+@needs(VAE_F4)
+@needs_mnist
 def test_shipped_autoencoder_round_trips_test_digits_and_its_scale():
     vae = load_autoencoder(VAE_F4)
     digits, _ = load_mnist(train=False, limit=64)
@@ -438,3 +441,115 @@ def test_make_demo_draws_the_prompted_digits_from_the_shipped_model(tmp_path):
     drawn = classify(load_classifier(), images)[1].argmax(1).view(len(prompts), per)
     for prompt, row in zip(prompts, drawn, strict=True):  # digits and number words alike
         assert (row == digit_of(prompt)).float().mean() >= 0.75, (prompt, row.tolist())
+    readme = (ROOT / "README.md").read_text()
+    course_map = readme.split("## Course map", 1)[1].split("|", 1)[0]  # before the table
+    assert "![" in course_map and "(docs/demo.png)" in course_map
+    assert (ROOT / "docs" / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(f'"{p}"' in course_map.replace("\n", " ") for p in prompts)  # what drew it
+
+
+GUIDANCE_CURVE = RESULTS / "guidance_curve.json"
+CLASSIFIER_GUIDANCE = RESULTS / "classifier_guidance.json"
+TEXT_SAMPLERS = RESULTS / "text_samplers.json"
+NOISY = CHECKPOINTS / "noisy_classifier_f4.safetensors"
+TEXT_MODEL_PATH = "data/checkpoints/ldm_text_mnist.safetensors"
+
+
+@needs(GUIDANCE_CURVE)
+def test_guidance_curve_meets_the_bar_at_its_best_scale():
+    from minisd.evaluation import GUIDANCE_ACCURACY_BAR, best_guidance
+
+    results = load_json(GUIDANCE_CURVE)
+    assert results["command"].startswith("python -m minisd guidance-curve")
+    assert results["checkpoint"] == TEXT_MODEL_PATH and results["n_per_digit"] >= 100
+    rows, n = results["rows"], 10 * results["n_per_digit"]
+    scales = [r["scale"] for r in rows]
+    assert scales == sorted(scales) and scales[0] == 0 and scales[-1] >= 10  # 0 to ~10
+    assert all(r["standard"]["n"] == r["held_out"]["n"] == n for r in rows)
+    assert results["baseline"]["n"] == n
+    best, ok, why = best_guidance(rows)
+    assert ok and results["meets_bar"] and results["best_scale"] == best["scale"], why
+    assert best["standard"]["accuracy"] >= GUIDANCE_ACCURACY_BAR["standard"]
+    assert best["held_out"]["accuracy"] >= GUIDANCE_ACCURACY_BAR["held_out"]
+    by_scale = {r["scale"]: r for r in rows}
+    # the trade the notebook describes: guidance buys accuracy and costs diversity
+    assert best["standard"]["accuracy"] > by_scale[1.0]["standard"]["accuracy"]
+    assert by_scale[scales[-1]]["diversity"] < by_scale[1.0]["diversity"]
+    kept, _ = load_tensors(GUIDANCE_CURVE.with_suffix(".safetensors"))
+    assert set(kept) == {f"scale {s:g}" for s in scales}
+
+
+@needs(NOISY)
+def test_shipped_noisy_classifier_reads_clean_latents_and_fades_with_noise():
+    from minisd.pretrained import load_noisy_classifier
+
+    classifier = load_noisy_classifier(NOISY)
+    sidecar = classifier.metadata["sidecar"]
+    assert sidecar["weights_sha256"] == classifier.metadata["weights_sha256"]
+    assert sidecar["latent_vae"] == "data/checkpoints/vae_mnist_f4.safetensors"
+    text_schedule = load_diffusion(TEXT).schedule.to_dict()
+    assert classifier.schedule.to_dict() == text_schedule  # guides the text model's steps
+    by_t = {int(t): a for t, a in sidecar["test_accuracy_by_t"].items()}
+    assert by_t[0] >= 0.95 and by_t[999] < 0.2 and by_t[250] > by_t[500] > by_t[750]
+
+
+@needs_mnist
+@needs(NOISY)
+def test_shipped_noisy_classifier_classifies_test_latents_live():
+    from minisd.cli.guidance import noisy_accuracy
+    from minisd.pretrained import load_noisy_classifier
+
+    classifier = load_noisy_classifier(NOISY)
+    stored = classifier.metadata["sidecar"]["test_accuracy_by_t"]
+    images, labels = load_mnist(train=False, limit=1000)
+    latents = encode_images(load_autoencoder(VAE_F4), images)
+    live = noisy_accuracy(classifier, classifier.schedule, latents, labels, timesteps=(0, 250))
+    for t, accuracy in live.items():  # 1,000 of the 10,000 digits the sidecar measured
+        assert accuracy >= stored[t] - 0.05, (t, accuracy, stored[t])
+
+
+@needs(CLASSIFIER_GUIDANCE)
+def test_classifier_guidance_was_measured_beside_classifier_free_guidance():
+    results = load_json(CLASSIFIER_GUIDANCE)
+    assert results["command"].startswith("python -m minisd compare-guidance")
+    assert results["checkpoint"] == TEXT_MODEL_PATH
+    assert results["noisy_classifier"] == "data/checkpoints/noisy_classifier_f4.safetensors"
+    n = 10 * results["n_per_digit"]
+    assert results["n_per_digit"] >= 100 and results["baseline"]["n"] == n
+    methods = {r["method"] for r in results["rows"]}
+    assert methods == {"classifier-free", "classifier"}
+    for r in results["rows"]:
+        assert r["n"] == n and r["seconds_per_sample"] > 0 and r["mnist_fid"] > 0
+    by = {(r["method"], r["scale"]): r for r in results["rows"]}
+    assert by[("classifier", 0.0)]["accuracy"] < 0.2  # unguided: the digit is chance
+    cfg, cg = "classifier-free", "classifier"  # what notebook 05 says from these numbers:
+    assert by[(cfg, 1.0)]["accuracy"] > by[(cg, 3.0)]["accuracy"]  # about equal accuracy,
+    assert by[(cfg, 1.0)]["mnist_fid"] < by[(cg, 3.0)]["mnist_fid"]  # closer to real digits
+    assert by[(cfg, 3.0)]["accuracy"] >= by[(cg, 10.0)]["accuracy"]
+    assert by[(cfg, 3.0)]["mnist_fid"] < by[(cg, 10.0)]["mnist_fid"]
+    assert all(
+        r["guide_accuracy"] > r["accuracy"]
+        for r in results["rows"]
+        if r["method"] == cg and r["scale"] > 0
+    )  # the guide is partly fooled
+    kept, _ = load_tensors(CLASSIFIER_GUIDANCE.with_suffix(".safetensors"))
+    assert set(kept) == {f"{r['method']} {r['scale']:g}" for r in results["rows"]}
+
+
+@needs(TEXT_SAMPLERS)
+def test_fast_sampler_table_compares_dpm_solver_and_ddim_on_the_text_model():
+    results = load_json(TEXT_SAMPLERS)
+    assert results["command"].startswith(f"python -m minisd compare-samplers --checkpoint "
+                                         f"{TEXT_MODEL_PATH}")  # fmt: skip
+    assert results["guidance_scale"] == 3.0 and results["n"] >= 1000
+    names = [r["name"] for r in results["rows"]]
+    steps = (5, 10, 20, 50)
+    assert names == [f"DDIM-{s}" for s in steps] + [f"DPM++2M-{s}" for s in steps]
+    rows = {r["name"]: r for r in results["rows"]}
+    assert all(r["n"] == results["n"] and r["seconds_per_sample"] > 0 for r in rows.values())
+    fid = {name: r["mnist_fid"] for name, r in rows.items()}  # what notebook 05 says:
+    assert all(r["accuracy"] >= 0.99 for r in rows.values())  # scale 3: the digit every time
+    assert fid["DPM++2M-5"] < fid["DDIM-10"] and fid["DPM++2M-10"] <= fid["DDIM-50"] + 0.5
+    assert all(fid[f"DPM++2M-{n}"] < fid[f"DDIM-{n}"] for n in steps)
+    kept, _ = load_tensors(TEXT_SAMPLERS.with_suffix(".safetensors"))
+    assert set(kept) == set(names)
