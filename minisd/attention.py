@@ -19,6 +19,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -239,18 +240,21 @@ class SpatialTransformer(nn.Module):
         dropout: float = 0.0,
         context_dim: int | None = None,
         norm_groups: int = 32,
+        use_linear: bool = False,
     ) -> None:
         super().__init__()
         inner_dim = n_heads * d_head
-        self.context_dim = context_dim
+        self.context_dim, self.use_linear = context_dim, use_linear
         self.norm = nn.GroupNorm(norm_groups, in_channels, eps=TRANSFORMER_NORM_EPS)
-        # SD v1 projects with 1x1 convs; SD v2 switched to Linear (use_linear_in_transformer).
-        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        # SD v1 projects with 1x1 convs; SD v2 with Linear layers on the flattened pixels
+        # (ldm's use_linear_in_transformer): the same map, stored as (D, C) instead of (D, C, 1, 1).
+        proj = nn.Linear if use_linear else partial(nn.Conv2d, kernel_size=1)
+        self.proj_in = proj(in_channels, inner_dim)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim)
             for _ in range(depth)
         )
-        self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
+        self.proj_out = proj(inner_dim, in_channels)
         # Zero-init so the block starts as the identity (ldm's zero_module).
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -264,12 +268,16 @@ class SpatialTransformer(nn.Module):
         # x: (B, C, H, W), context: (B, M, context_dim) or None, context_mask: (B, M) or None
         check_context(context, self.context_dim, x.shape[0])
         b, _, h, w = x.shape
-        hidden = self.proj_in(self.norm(x))  # (B, D, H, W)
-        hidden = hidden.flatten(2).transpose(1, 2)  # (B, H*W, D)
+        hidden = self.norm(x)
+        if self.use_linear:  # flatten, then project: (B, H*W, C) -> (B, H*W, D)
+            hidden = self.proj_in(hidden.flatten(2).transpose(1, 2))
+        else:  # project, then flatten: (B, D, H, W) -> (B, H*W, D)
+            hidden = self.proj_in(hidden).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             hidden = block(hidden, context, context_mask)
-        hidden = hidden.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, H, W)
-        return x + self.proj_out(hidden)
+        if self.use_linear:
+            return x + self.proj_out(hidden).transpose(1, 2).reshape(x.shape)
+        return x + self.proj_out(hidden.transpose(1, 2).reshape(b, -1, h, w))
 
 
 def check_context(context: torch.Tensor | None, context_dim: int | None, batch: int) -> None:

@@ -12,6 +12,7 @@ eating one skip connection, and an Upsample closing every level but the top one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class UNetConfig:
     norm_num_groups: int = 32
     use_scale_shift_norm: bool = False
     concat_channels: int = 0
+    use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out, not 1x1 convs
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks"):
@@ -175,6 +177,13 @@ SD_V1 = UNetConfig(
 )
 # Known parameter count of the SD v1 U-Net (checked in tests on the meta device).
 SD_V1_NUM_PARAMS = 859_520_964
+# Stability-AI/stablediffusion configs/stable-diffusion/v2-inference-v.yaml (SD 2.0 / 2.1 at
+# 768 px, v-prediction): 64-channel heads instead of 8 heads, OpenCLIP ViT-H's 1024-d context,
+# Linear projections in the transformers. The same class, the same blocks.
+SD_V2 = dataclasses.replace(
+    SD_V1, num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True
+)
+SD_V2_NUM_PARAMS = 865_910_724
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = MAX_PERIOD) -> torch.Tensor:
@@ -287,9 +296,8 @@ def _resblock(cfg: UNetConfig, in_ch: int, out_ch: int) -> ResBlock:
 def _transformer(cfg: UNetConfig, channels: int) -> SpatialTransformer:
     n_heads, d_head = cfg.heads(channels)
     depth, groups = cfg.transformer_depth, cfg.norm_num_groups
-    return SpatialTransformer(
-        channels, n_heads, d_head, depth, cfg.dropout, cfg.context_dim, groups
-    )
+    return SpatialTransformer(channels, n_heads, d_head, depth, cfg.dropout, cfg.context_dim,
+                              groups, cfg.use_linear_in_transformer)  # fmt: skip
 
 
 def _input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:

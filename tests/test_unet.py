@@ -18,6 +18,8 @@ from minisd.unet import (
     MNIST,
     SD_V1,
     SD_V1_NUM_PARAMS,
+    SD_V2,
+    SD_V2_NUM_PARAMS,
     TINY,
     UNetConfig,
     UNetModel,
@@ -83,6 +85,58 @@ def test_sd_v1_keys_convert_one_to_one_onto_diffusers() -> None:
         ref = UNet2DConditionModel(cross_attention_dim=768)  # the other defaults are SD v1's
     converted = convert_ldm_unet_checkpoint(ours, dict(ref.config))
     assert_one_to_one(converted, ref.state_dict(), len(ours))
+
+
+# ----- Stable Diffusion 2.x: the same class; 64-channel heads, 1024-d context, Linear projections
+def _sd_v2_reference() -> UNet2DConditionModel:
+    """diffusers' U-Net built from SD 2.1's config (stabilityai/stable-diffusion-2-1, unet/)."""
+    return UNet2DConditionModel(
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),  # heads per level: 320/64, 640/64, 1280/64
+        use_linear_projection=True,
+    )
+
+
+def test_sd_v2_has_the_parameter_count_of_diffusers_sd21_unet() -> None:
+    with torch.device("meta"):
+        ours, ref = UNetModel(SD_V2), _sd_v2_reference()
+    assert count_parameters(ours) == count_parameters(ref) == SD_V2_NUM_PARAMS == 865_910_724
+    assert SD_V2.heads(320) == (5, 64) and SD_V2.heads(1280) == (20, 64)
+    sd = ours.state_dict()
+    assert tuple(sd["input_blocks.1.1.proj_in.weight"].shape) == (320, 320)  # Linear, not 1x1
+    assert tuple(sd["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape) == (320, 1024)
+
+
+def test_sd_v2_keys_convert_one_to_one_onto_diffusers() -> None:
+    with torch.device("meta"):
+        ours, ref = UNetModel(SD_V2), _sd_v2_reference()
+    tagged_ours = tagged(ours.state_dict(), LDM_PREFIX)
+    converted = convert_ldm_unet_checkpoint(tagged_ours, dict(ref.config))
+    assert_one_to_one(converted, ref.state_dict(), len(tagged_ours))
+
+
+def test_linear_projection_transformer_matches_diffusers_at_identical_weights() -> None:
+    """SD 2.x's Linear proj_in/proj_out through a whole small U-Net, via diffusers' converter."""
+    cfg = dataclasses.replace(
+        TINY, num_res_blocks=1, attention_resolutions=(1, 2), context_dim=12, num_heads=-1,
+        num_head_channels=4, use_linear_in_transformer=True,
+    )  # fmt: skip
+    ours = UNetModel(cfg).eval()
+    randomize(ours)
+    ref = UNet2DConditionModel(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
+        attention_head_dim=(2, 4), norm_num_groups=4, use_linear_projection=True,
+    ).eval()  # fmt: skip
+    ldm_sd = {LDM_PREFIX + k: v for k, v in ours.state_dict().items()}
+    ref.load_state_dict(convert_ldm_unet_checkpoint(ldm_sd, dict(ref.config)))
+    x, t, context = torch.randn(2, 3, 8, 8), torch.tensor([3, 250]), torch.randn(2, 5, 12)
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        torch.testing.assert_close(ours(x, t, context), want, rtol=1e-4, atol=1e-4)
+    conv = UNetModel(dataclasses.replace(cfg, use_linear_in_transformer=False)).eval()
+    assert set(conv.state_dict()) == set(ours.state_dict())  # same keys, other shapes
 
 
 def test_tiny_unet_matches_diffusers_at_identical_weights() -> None:
