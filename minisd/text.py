@@ -155,9 +155,15 @@ def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: i for i, token in enumerate(vocab)}, merges
 
 
+# What pads a prompt to 77 tokens: SD v1 pads with the end token (49407); SD 2.x, whose OpenCLIP
+# tokenizer pads with id 0, is given "!" (id 0) as its pad token in diffusers' SD 2 folders.
+SD_V1_PAD_TOKEN, SD_V2_PAD_TOKEN = "<|endoftext|>", "!"
+
+
 @functools.cache
-def clip_tokenizer():
-    """CLIP's BPE tokenizer as SD v1 uses it: 49408 ids, start 49406, end and pad 49407.
+def clip_tokenizer(pad_token: str = SD_V1_PAD_TOKEN):
+    """CLIP's BPE tokenizer as SD v1 uses it: 49408 ids, start 49406, end and pad 49407 (SD
+    2.x: pad_token="!", id 0).
 
     Built from open_clip's vocabulary file. transformers 5 ignores `vocab_file=`/`merges_file=`
     arguments, so the vocabulary and merges are passed as objects (`vocab=`, `merges=`).
@@ -165,7 +171,11 @@ def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_vocab()
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+    if pad_token not in vocab:
+        raise ValueError(f"pad_token {pad_token!r} is not a CLIP token; SD uses '<|endoftext|>'")
+    tok = CLIPTokenizer(
+        vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH, pad_token=pad_token
+    )
     ids = tok("a")["input_ids"]
     if ids[0] != CLIP_BOS_ID or ids[-1] != CLIP_EOS_ID or len(vocab) != 49408:
         raise RuntimeError(f"CLIP tokenizer built wrong: 'a' -> {ids}, {len(vocab)} ids")
@@ -291,18 +301,40 @@ def sd_v1_text_config():
     )
 
 
+def sd_v2_text_config():
+    """SD 2.x's text encoder as a CLIPTextConfig: OpenCLIP ViT-H/14's text tower (1024 wide,
+    16 heads, exact GELU) up to its penultimate layer, the one SD 2.x reads: 23 of 24 layers."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act="gelu",
+        projection_dim=1024,
+        bos_token_id=CLIP_BOS_ID,
+        eos_token_id=CLIP_EOS_ID,
+        pad_token_id=0,
+    )
+
+
 class CLIPTextEncoder(TextEncoder):
-    """SD v1's text encoder: CLIPTextModel's last hidden state (after its final LayerNorm) over
-    all 77 tokens, padding included (SD v1 uses no mask). Random weights unless loaded."""
+    """SD's text encoder: CLIPTextModel's last hidden state (after its final LayerNorm) over
+    all 77 tokens, padding included (SD uses no mask). SD v1's config unless given (SD 2.x:
+    `sd_v2_text_config()` with pad_token SD_V2_PAD_TOKEN). Random weights unless loaded."""
 
     masks_padding = False
 
-    def __init__(self, config=None) -> None:
+    def __init__(self, config=None, pad_token: str = SD_V1_PAD_TOKEN) -> None:
         super().__init__()
         from transformers import CLIPTextModel
 
         self.transformer = CLIPTextModel(config or sd_v1_text_config())
-        self.tokenizer = clip_tokenizer()
+        self.tokenizer = clip_tokenizer(pad_token)
+        self.pad_token = pad_token
         self.max_length = self.transformer.config.max_position_embeddings
         self.dim = self.transformer.config.hidden_size
 
@@ -371,7 +403,8 @@ def encoder_spec(encoder: TextEncoder) -> dict:
     if isinstance(encoder, TransformerTextEncoder):
         return {"kind": "transformer", "config": dataclasses.asdict(encoder.config)}
     if isinstance(encoder, CLIPTextEncoder):
-        return {"kind": "clip", "config": encoder.transformer.config.to_diff_dict()}
+        config = encoder.transformer.config.to_diff_dict()
+        return {"kind": "clip", "config": config, "pad_token": encoder.pad_token}
     raise TypeError(f"no spec for a {type(encoder).__name__}; use one of minisd.text's encoders")
 
 
@@ -385,7 +418,8 @@ def encoder_from_spec(spec: dict) -> TextEncoder:
     if kind == "clip":
         from transformers import CLIPTextConfig
 
-        return CLIPTextEncoder(CLIPTextConfig(**spec["config"]))
+        pad = spec.get("pad_token", SD_V1_PAD_TOKEN)
+        return CLIPTextEncoder(CLIPTextConfig(**spec["config"]), pad)
     raise ValueError(f"unknown text encoder kind {kind!r}: expected pretrained, transformer, clip")
 
 
