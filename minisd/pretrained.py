@@ -104,11 +104,26 @@ class DiffusionModel:
             return x
         from minisd.latent import decode_images
 
-        return decode_images(self.vae, x, self.image_size)
+        dtype = next(self.vae.parameters()).dtype  # a bf16 autoencoder decodes bf16 latents
+        return decode_images(self.vae, x.to(dtype), self.image_size).to(x.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """What the sampler works on for these images in [-1, 1]: their scaled latents (padded
+        to the autoencoder's size), or the pixels themselves. The inverse of `decode`."""
+        if self.vae is None:
+            return images.to(self.device)
+        from minisd.latent import encode_images
+
+        dtype = next(self.vae.parameters()).dtype
+        return encode_images(self.vae, images.to(dtype)).float().to(self.device)
 
     @torch.no_grad()
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
-        return self.unet(x, t, **model_kwargs)  # eps or v, as the model predicts
+        # The sampler keeps x in fp32; a bf16/fp16 U-Net gets its own dtype and answers in fp32.
+        dtype = next(self.unet.parameters()).dtype
+        kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model_kwargs.items()}
+        return self.unet(x.to(dtype), t, **kwargs).to(x.dtype)  # eps or v, as the model predicts
 
     def eps_fn(self, **model_kwargs: Any) -> EpsFn:
         """The callable samplers take: eps_theta(x_t, t), whatever the model predicts."""

@@ -551,10 +551,14 @@ class SamplerConfig:
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
         progress: bool = False,
+        timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run this config's sampler from x_T over its timesteps."""
+        """Run this config's sampler from x_T over its timesteps (or the given ones: the tail
+        of them starts part-way down, as image-to-image does)."""
+        if timesteps is None:
+            timesteps = self.timesteps(schedule.num_timesteps)
         return SAMPLERS[self.sampler](
-            eps_fn, x_T, schedule, self.timesteps(schedule.num_timesteps),
+            eps_fn, x_T, schedule, timesteps,
             generator=generator, callback=callback, progress=progress, **self.options(),
         )  # fmt: skip
 

@@ -71,6 +71,24 @@ def _text_conditioner(args: argparse.Namespace, labels: torch.Tensor):
     return conditioner, conditioner.batch(captions, len(captions))
 
 
+def _task_conditions(args: argparse.Namespace, vae, images: torch.Tensor) -> torch.Tensor:
+    """What an inpainting or upscaling model is concatenated with, one per training image:
+    inpaint: the image under a random mask (drawn with --seed), encoded, and the mask;
+    upscale: the image at 14x14, folded onto the latent grid."""
+    if vae is None:
+        raise ValueError(f"--task {args.task} trains a latent model: pass --latent-vae too")
+    if args.class_cond or args.text_encoder:
+        raise ValueError(f"--task {args.task} conditions on an image: drop --class-cond/--text-*")
+    if args.task == "upscale":
+        from minisd.upscaling import downsample, upscaling_condition
+
+        return upscaling_condition(downsample(images))
+    from minisd.inpainting import inpainting_condition, random_masks
+
+    masks = random_masks(len(images), torch.Generator().manual_seed(args.seed))
+    return inpainting_condition(vae, images, masks)
+
+
 def _init_from(args: argparse.Namespace, model: torch.nn.Module, schedule: NoiseSchedule) -> dict:
     """Start from an exported model's weights (e.g. to branch an lr decay off a finished run).
 
@@ -127,7 +145,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     conditioner, ids = (None, None)
     if args.text_encoder:
         conditioner, ids = _text_conditioner(args, labels)
+    concat = _task_conditions(args, vae, images) if args.task else None
     cfg = _unet_config(args, samples.shape[1], conditioner and conditioner.encoder.dim)
+    if concat is not None:  # x_t's channels plus the condition's, as SD's inpainting U-Net
+        c = concat.shape[1]
+        cfg = dataclasses.replace(cfg, in_channels=cfg.in_channels + c, concat_channels=c)
     model = unet_module.UNetModel(cfg)
     if args.text_encoder == "joint":  # the encoder learns with the U-Net, as one module
         model = ConditionedUNet(model, conditioner)
@@ -148,13 +170,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     loss_fn = diffusion_loss_fn(
         schedule,
         args.prediction,
-        args.class_dropout if args.class_cond or conditioner else 0.0,
+        args.class_dropout if args.class_cond or conditioner or args.task else 0.0,
         args.min_snr_gamma,
         conditioner=frozen and frozen.to(device),
     )
     data = (samples, labels) if args.class_cond else (samples,)
     if conditioner is not None:
         data = (samples, ids)
+    if concat is not None:
+        data = (samples, concat)
     n_params = count_parameters(model)
     commands = run_commands(args)
     print(
@@ -187,6 +211,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "min_snr_gamma": args.min_snr_gamma,
             "dataset": args.dataset,
             "text_encoder": args.text_encoder,
+            "task": args.task,
             "captions": "one per image: minisd.text.random_captions(labels, TRAIN_TEMPLATES, seed)"
             if conditioner
             else None,
@@ -376,7 +401,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--cond-dropout",
         type=float,
         default=0.1,
-        help="p(condition -> null) with --class-cond or --text-encoder",
+        help="p(condition -> null) with --class-cond, --text-encoder or --task",
     )
     t.add_argument(
         "--text-encoder",
@@ -384,6 +409,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="condition on MNIST captions: a frozen pretrained MiniLM, or a small transformer "
         "trained jointly with the U-Net",
+    )
+    t.add_argument(
+        "--task",
+        choices=("inpaint", "upscale"),
+        default=None,
+        help="condition on an image concatenated to x_t (latent models): the digit under a "
+        "random mask and the mask (inpaint), or the digit at 14x14 (upscale)",
     )
     t.add_argument("--text-encoder-path", default=None, help="another pretrained BERT folder")
     t.add_argument("--text-max-length", type=int, default=TEXT_MAX_LENGTH, help="tokens per prompt")
