@@ -46,6 +46,7 @@ def generate(
     cond: Any = None,
     guidance_scale: float = 1.0,
     negative: Any = None,
+    progress_steps: bool = False,
 ) -> torch.Tensor:
     """n images (n, C, H, W) in [-1, 1] on the CPU, drawn in batches from one seeded generator.
 
@@ -53,6 +54,7 @@ def generate(
     models sample image_size x image_size, latent models their latent shape, decoded. cond: one
     condition for all (a class label, a prompt), n of them, or None; guidance_scale and negative
     (one condition or n) as in `DiffusionModel.sample`. `python -m minisd sample` calls this.
+    progress shows a bar over the batches, progress_steps one over each batch's sampler steps.
     """
     config = config or model.sampler
     config.timesteps(model.schedule.num_timesteps)  # a bad setting fails before any work
@@ -66,8 +68,9 @@ def generate(
         x_T = torch.randn(b, *shape, generator=generator).to(model.device)
         c, neg = (None if v is None else v[start : start + b] for v in (conds, negatives))
         images = model.sample(
-            x_T, config, cond=c, generator=generator, guidance_scale=guidance_scale, negative=neg
-        )
+            x_T, config, cond=c, generator=generator, guidance_scale=guidance_scale, negative=neg,
+            progress=progress_steps,
+        )  # fmt: skip
         out.append(images.cpu())
     return torch.cat(out)
 

@@ -3,7 +3,8 @@
     diffusion:    train, sample, evaluate, evaluate-text, compare-samplers
     autoencoder:  train-vae, evaluate-vae, latent-vs-pixel
     conditioning: compare-conditioning
-    guidance:     generate
+    guidance:     generate, guidance-curve, compare-guidance, train-noisy-classifier
+    sd:           sd (Stable Diffusion at full size), applications (lesson 06's measurements)
 
 Shared options live in `options`; what a command records about itself in `minisd.provenance`.
 """
@@ -17,7 +18,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minisd.cli import autoencoder, conditioning, diffusion, guidance
+    from minisd.cli import autoencoder, conditioning, diffusion, guidance, sd
 
     parser = argparse.ArgumentParser(
         prog="python -m minisd", description="minisd: Stable Diffusion built up from MNIST."
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     autoencoder.add_commands(sub)
     conditioning.add_commands(sub)
     guidance.add_commands(sub)
+    sd.add_commands(sub)
+    sd.add_application_commands(sub)
     return parser
 
 

@@ -185,3 +185,52 @@ def test_train_task_makes_a_model_the_application_functions_take(tmp_path, task)
         assert out.shape == (2, 1, 28, 28)
     with pytest.raises(ValueError, match="--latent-vae"):
         cli.main([*common, "--task", task])
+
+
+# ----- the measurements: `python -m minisd applications` ------------------------------------------
+def test_the_applications_command_measures_all_three(tmp_path, monkeypatch) -> None:
+    import json
+
+    from minisd import cli, metrics
+    from minisd.checkpoint import load_tensors
+    from minisd.conditioning import TextConditioner
+    from minisd.pretrained import save_diffusion
+    from minisd.text import TransformerTextConfig, TransformerTextEncoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(dataclasses.replace(MNIST_F4, ch=8, norm_num_groups=4)).eval()
+    schedule = NoiseSchedule("linear", 50)
+    encoder = TransformerTextEncoder(TransformerTextConfig(dim=16, heads=2, max_length=16))
+    base = dataclasses.replace(TINY, in_channels=4, out_channels=4)
+    configs = {
+        "text-model": dataclasses.replace(base, context_dim=16),
+        "unconditional": base,
+        "inpainter": dataclasses.replace(base, in_channels=9, concat_channels=5),
+        "upscaler": dataclasses.replace(base, in_channels=8, concat_channels=4),
+    }
+    paths = []
+    for name, cfg in configs.items():
+        unet = UNetModel(cfg).eval()
+        randomize(unet, std=0.05)
+        cond = TextConditioner(encoder) if name == "text-model" else None
+        path = tmp_path / f"{name}.safetensors"
+        save_diffusion(path, unet, schedule, "eps", vae=vae, image_size=28, conditioner=cond,
+                       dtype=torch.float32)  # fmt: skip
+        paths += [f"--{name}", str(path)]
+    monkeypatch.setattr(metrics, "reference_features", lambda c: torch.randn(64, 128))
+    out = tmp_path / "apps.json"
+    cli.main(["applications", *paths, "--n", "6", "--strengths", "0.5", "1.0", "--steps", "2",
+              "--resample", "2", "--out", str(out)])  # fmt: skip
+    results = json.loads(out.read_text())
+    assert [r["strength"] for r in results["img2img"]["rows"]] == [0.5, 1.0]
+    for r in results["img2img"]["rows"]:
+        assert 0 <= r["new_digit"] + r["input_digit"] <= 1  # a digit is read as one of them
+    assert [r["mask"] for r in results["inpainting"]["rows"]] == list(ip.MASKS)
+    assert all(0 <= r["inpainting model"] <= 1 for r in results["inpainting"]["rows"])
+    names = [r["method"] for r in results["upscaling"]["rows"]]
+    assert names == [
+        "14x14 input (nearest)", "bicubic", "diffusion upscaler", "autoencoder ceiling"
+    ]  # fmt: skip
+    kept = load_tensors(out.with_suffix(".safetensors"))[0]
+    assert kept["img2img_0.5"].shape == (6, 1, 28, 28)
+    assert kept["upscaling_low"].shape == (6, 1, 14, 14)
