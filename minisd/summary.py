@@ -70,3 +70,37 @@ def format_shapes(records: list[ShapeRecord]) -> str:
     for r in records:
         rows.append(f"{r.name:<18}{r.kind:<38}{str(r.shape):<22}{r.parameters:>10,}")
     return "\n".join(rows)
+
+
+# Where a U-Net's parameters live, by what the parameter does (ldm's names say it).
+UNET_GROUPS = (
+    ("self-attention", (".attn1.",)),
+    ("cross-attention", (".attn2.",)),
+    ("transformer feed-forward", (".ff.",)),
+    ("transformer projections and norms", (".proj_in.", ".proj_out.", ".norm", ".norm1.")),
+    ("time embedding", ("time_embed.", "label_emb.")),
+)
+
+
+def unet_parameter_groups(unet: nn.Module) -> dict[str, int]:
+    """Parameters of a `UNetModel` by role: the attention and feed-forward layers of its
+    transformers, its ResBlocks, the time embedding, and the rest (first and last convolutions,
+    down- and upsampling). Works on the meta device."""
+    from minisd.unet import ResBlock
+
+    in_resblock = {
+        f"{name}.{p}" for name, m in unet.named_modules() if isinstance(m, ResBlock)
+        for p, _ in m.named_parameters()
+    }  # fmt: skip
+    groups = {name: 0 for name, _ in UNET_GROUPS} | {"ResBlocks": 0, "other convolutions": 0}
+    for name, p in unet.named_parameters():
+        if name in in_resblock:
+            groups["ResBlocks"] += p.numel()
+            continue
+        for group, marks in UNET_GROUPS:
+            if any(mark in "." + name for mark in marks):
+                groups[group] += p.numel()
+                break
+        else:
+            groups["other convolutions"] += p.numel()
+    return groups
