@@ -221,3 +221,75 @@ class GuidanceExplorer(_Explorer):
         )  # fmt: skip
         self._show(self._fig)
         return self.state
+
+
+# ----- notebook 06: image-to-image --------------------------------------------------------------
+@dataclass
+class Img2ImgState:
+    """What the image-to-image explorer drew for one setting of its controls."""
+
+    prompt: str
+    strength: float
+    scale: float
+    seed: int
+    images: torch.Tensor | None  # (n, C, H, W) results in [-1, 1], None if refused
+    error: str | None = None
+
+
+def draw_img2img_explorer(
+    model, inputs: torch.Tensor, prompt: str, strength: float, scale: float, seed: int,
+    steps: int = 20, fig: plt.Figure | None = None,
+) -> tuple[plt.Figure, Img2ImgState]:  # fmt: skip
+    """The inputs (top row) redrawn under `prompt` at `strength` (bottom row), DPM-Solver++(2M).
+    Bad settings (a strength outside (0, 1], a negative scale) are shown as a message."""
+    from minisd.img2img import image_to_image
+
+    fig = fig or plt.figure(figsize=(8, 2.4))
+    fig.clear()
+    try:
+        config = model.sampler_config("dpm++2m", int(steps))
+        out = image_to_image(model, inputs, prompt, strength, config, guidance_scale=scale,
+                             seed=int(seed))  # fmt: skip
+    except (ValueError, TypeError) as err:
+        fig.text(0.5, 0.5, f"invalid settings: {err}", ha="center", va="center", wrap=True)
+        return fig, Img2ImgState(prompt, strength, scale, seed, None, str(err))
+    show_images(torch.cat([inputs, out]), nrow=len(inputs), ax=fig.add_subplot(1, 1, 1))
+    fig.suptitle(f"top: inputs; bottom: {prompt!r} at strength {strength:g}, guidance "
+                 f"{scale:g}, seed {seed}", fontsize=10)  # fmt: skip
+    return fig, Img2ImgState(prompt, strength, scale, int(seed), out)
+
+
+class Img2ImgExplorer(_Explorer):
+    """ipywidgets controls (prompt, strength, guidance scale, seed) above the inputs and their
+    redrawn versions; `draw_img2img_explorer` redraws when a value changes."""
+
+    def __init__(self, model, inputs: torch.Tensor, prompt: str = "a handwritten seven") -> None:
+        import ipywidgets as w
+
+        self.model, self.inputs = model, inputs
+        style, wide = {"description_width": "90px"}, w.Layout(width="420px")
+        self.prompt = w.Text(prompt, description="prompt", style=style, layout=wide,
+                             continuous_update=False)  # fmt: skip
+        self.strength = w.FloatSlider(0.5, min=0.05, max=1.0, step=0.05, description="strength",
+                                      style=style, layout=wide)  # fmt: skip
+        self.scale = w.FloatSlider(3.0, min=0.0, max=10.0, step=0.5, description="guidance",
+                                   style=style, layout=wide)  # fmt: skip
+        self.seed = w.IntText(0, description="seed", style=style)
+        self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self.state: Img2ImgState | None = None
+        controls = (self.prompt, self.strength, self.scale, self.seed)
+        for control in controls:
+            control.observe(lambda _: self.update(), names="value")
+        self.widget = w.VBox([w.VBox(list(controls)), self.image])
+        self._fig = plt.figure(figsize=(8, 2.4))
+        plt.close(self._fig)
+        self.update()
+
+    def update(self) -> Img2ImgState:
+        """Redraw for the current control values and return what is shown."""
+        self._fig, self.state = draw_img2img_explorer(
+            self.model, self.inputs, self.prompt.value, self.strength.value, self.scale.value,
+            self.seed.value, fig=self._fig,
+        )  # fmt: skip
+        self._show(self._fig)
+        return self.state

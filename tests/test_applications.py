@@ -234,3 +234,27 @@ def test_the_applications_command_measures_all_three(tmp_path, monkeypatch) -> N
     kept = load_tensors(out.with_suffix(".safetensors"))[0]
     assert kept["img2img_0.5"].shape == (6, 1, 28, 28)
     assert kept["upscaling_low"].shape == (6, 1, 14, 14)
+
+
+def test_the_img2img_explorer_redraws_and_refuses_bad_strengths() -> None:
+    import matplotlib.pyplot as plt
+
+    from minisd.conditioning import TextConditioner
+    from minisd.text import TransformerTextConfig, TransformerTextEncoder
+    from minisd.widgets import Img2ImgExplorer, draw_img2img_explorer
+
+    torch.manual_seed(0)
+    encoder = TransformerTextEncoder(TransformerTextConfig(dim=16, heads=2, max_length=16))
+    unet = UNetModel(dataclasses.replace(TINY, in_channels=1, out_channels=1, context_dim=16))
+    randomize(unet, std=0.05)
+    model = DiffusionModel(unet.eval(), SCHEDULE, "eps", {}, conditioner=TextConditioner(encoder))
+    x = digits(3)
+    ex = Img2ImgExplorer(model, x, prompt="seven")
+    assert ex.state.error is None and ex.image.value[:8] == b"\x89PNG\r\n\x1a\n"
+    ex.strength.value = 0.25
+    want = image_to_image(model, x, "seven", 0.25, model.sampler_config("dpm++2m", 20),
+                          guidance_scale=3.0)  # fmt: skip
+    assert ex.state.strength == 0.25 and torch.equal(ex.state.images, want)
+    _, state = draw_img2img_explorer(model, x, "two", 1.5, 1.0, 0)
+    assert state.images is None and "strength must be in" in state.error
+    plt.close("all")

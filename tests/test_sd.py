@@ -193,15 +193,15 @@ def test_the_diffusers_export_loads_in_diffusers_and_computes_the_same(tmp_path)
 
 
 # ----- full-size parity with diffusers (the proof of architecture) ------------------------------
-def _perturb_constants(model: torch.nn.Module, seed: int) -> None:
-    """Default init leaves some tensors constant (zero-initialised output layers, norms at 1 and
-    0), where a wrong weight could hide; give each of them small random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            flat = p.view(-1)
-            if bool((flat == flat[0]).all()):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+def test_perturb_constants_wakes_the_zeroed_layers_and_leaves_the_rest() -> None:
+    torch.manual_seed(0)
+    unet = UNetModel(SMALL_UNET)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert not before["out.2.weight"].any()  # zero-initialised, as in ldm
+    sdmod.perturb_constants(unet, 0)
+    after = unet.state_dict()
+    assert after["out.2.weight"].any() and after["out.0.weight"].std() > 0  # GroupNorm's 1s
+    torch.testing.assert_close(after["input_blocks.0.0.weight"], before["input_blocks.0.0.weight"])
 
 
 @pytest.mark.slow
@@ -210,7 +210,7 @@ def test_full_size_unet_equals_diffusers(preset: str) -> None:
     cfg = sdmod.unet_config(preset)
     torch.manual_seed(0)
     ours = UNetModel(cfg).eval()
-    _perturb_constants(ours, 0)
+    sdmod.perturb_constants(ours, 0)
     ref_cfg = (
         dict(cross_attention_dim=768)
         if preset == "sd-v1"
@@ -238,7 +238,7 @@ def test_full_size_unet_equals_diffusers(preset: str) -> None:
 def test_full_size_autoencoder_equals_diffusers() -> None:
     torch.manual_seed(0)
     ours = AutoencoderKL(sdmod.SD_VAE).eval()
-    _perturb_constants(ours, 0)
+    sdmod.perturb_constants(ours, 0)
     with torch.device("meta"):
         ref = DiffusersVAE(
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
