@@ -418,6 +418,49 @@ def check_guided_evaluations(answer: int | None) -> bool:
     return _report(name, False, "count the network calls per step, then the steps")
 
 
+# ----- notebook 06: Stable Diffusion and its applications --------------------------------------
+def check_img2img_calls(answer: int | None) -> bool:
+    """Exercise 06.1: U-Net evaluations of SD img2img, DDIM-50, strength 0.6, guidance 7.5."""
+    name = "Exercise 1 (what image-to-image costs)"
+    err = _integer(answer, "evaluations")
+    if err:
+        return _report(name, False, err)
+    if answer == 60:
+        return _report(name, True, "round(0.6 x 50) = 30 steps, two predictions each")
+    if answer == 30:
+        return _report(name, False, "guidance needs the unconditional prediction too")
+    if answer == 100:
+        return _report(name, False, "the strength decides how many of the 50 steps run")
+    if answer in (20, 40):
+        return _report(name, False, "strength is the share of steps that run, not that is skipped")
+    return _report(name, False, "count the steps that run, then the predictions per step")
+
+
+def check_latent_mask(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool:
+    """Exercise 06.2: fn(mask, factor) -> the mask at latent resolution (any pixel -> cell)."""
+    import torch.nn.functional as F
+
+    name = "Exercise 2 (the mask on the latent grid)"
+    g = torch.Generator().manual_seed(3)
+    for factor, side in ((8, 64), (4, 32)):
+        mask = (torch.rand(3, 1, side, side, generator=g) < 0.02).float()
+        mask[0, 0, :, : side // 2] = 1
+        got, err = _attempt(name, fn, mask.clone(), factor)
+        if err:
+            return _report(name, False, err)
+        want = F.max_pool2d(mask, factor)
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            return _report(name, False, f"return a tensor of shape {tuple(want.shape)}")
+        if torch.equal(got.float(), want):
+            continue
+        if torch.allclose(got.float(), F.avg_pool2d(mask, factor)):
+            return _report(name, False, "a cell with one hidden pixel must be filled: not the mean")
+        if torch.equal(got.float(), (F.avg_pool2d(mask, factor) == 1).float()):
+            return _report(name, False, "that fills only wholly hidden cells; one pixel is enough")
+        return _report(name, False, "hint: the largest value in each factor x factor cell")
+    return _report(name, True, "max-pooling: a cell is filled if any of its pixels is")
+
+
 SOLUTIONS: dict[str, tuple[str, str, str, str]] = {
     "01.1": (
         "alphas_cumprod",
@@ -551,6 +594,21 @@ SOLUTIONS: dict[str, tuple[str, str, str, str]] = {
         "evaluations = 2 * 20\n",
         "Each step needs eps_c and eps_u (run as one batch of 2B, but twice the work); "
         "DPM-Solver++(2M) makes one model call per step, reusing the previous step's x0.",
+    ),
+    "06.1": (
+        "evaluations",
+        "check_img2img_calls",
+        "evaluations = 2 * round(0.6 * 50)\n",
+        "Image-to-image runs the last 60% of the 50 DDIM steps (it starts at t ~ 600), and "
+        "each step with guidance predicts the noise with and without the prompt.",
+    ),
+    "06.2": (
+        "my_latent_mask",
+        "check_latent_mask",
+        "import torch.nn.functional as F\n\n"
+        "def my_latent_mask(mask, factor):\n    return F.max_pool2d(mask, factor)\n",
+        "A latent cell covers factor x factor pixels; if any of them is to be filled, the cell "
+        "must be generated, so take the maximum over each cell (max-pooling).",
     ),
 }
 

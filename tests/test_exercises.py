@@ -188,3 +188,17 @@ def test_guidance_exercises_catch_the_usual_slips(capsys):
     assert "eps_c and eps_u" in capsys.readouterr().out
     assert not exercises.check_guided_evaluations(40.0)
     assert exercises.check_guided_evaluations(40)
+
+
+def test_the_lesson_06_checkers_name_the_usual_slips(capsys):
+    import torch.nn.functional as F
+
+    assert not exercises.check_img2img_calls(30)
+    assert "unconditional prediction" in capsys.readouterr().out
+    assert not exercises.check_img2img_calls(40)  # 1 - strength of the steps, twice
+    assert not exercises.check_img2img_calls(60.0)  # a float is not a count
+    assert not exercises.check_latent_mask(lambda m, f: F.avg_pool2d(m, f))
+    assert "not the mean" in capsys.readouterr().out
+    assert not exercises.check_latent_mask(lambda m, f: (F.avg_pool2d(m, f) == 1).float())
+    assert "one pixel is enough" in capsys.readouterr().out
+    assert not exercises.check_latent_mask(not_attempted)
