@@ -295,3 +295,14 @@ def test_text_train_sample_and_evaluate_text_commands(tmp_path, monkeypatch, cap
     assert metrics_["text"]["standard"]["n"] == metrics_["text"]["held_out"]["n"] == 10
     assert metrics_["guidance_scale"] == 1.0 and metrics_["meets_bar"] is False
     assert "text bar: NOT met" in capsys.readouterr().out
+
+
+def test_sd_v2_text_encoder_is_openclip_vit_h_up_to_its_penultimate_layer() -> None:
+    from minisd.text import SD_V2_PAD_TOKEN, sd_v2_text_config
+
+    with torch.device("meta"):
+        enc = CLIPTextEncoder(sd_v2_text_config(), pad_token=SD_V2_PAD_TOKEN)
+    # 23 of OpenCLIP ViT-H/14's 24 text layers: diffusers' SD 2.1 text_encoder has this count
+    assert sum(p.numel() for p in enc.parameters()) == 340_387_840
+    assert enc.dim == 1024 and enc.pad_id == 0  # SD 2.x pads with "!" (id 0), as OpenCLIP does
+    assert enc.tokenize("a cat")[0, :5].tolist() == [49406, 320, 2368, 49407, 0]
