@@ -461,6 +461,24 @@ def check_latent_mask(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool:
     return _report(name, True, "max-pooling: a cell is filled if any of its pixels is")
 
 
+def check_upscaling_psnr(answer: str | None) -> bool:
+    """Exercise 06.3 (reasoning): why the upscaler stays below the autoencoder's PSNR."""
+    name = "Exercise 3 (what an upscaler can know)"
+    if answer is None:
+        return _report(name, False, "not attempted yet: set answer to one of 'a', 'b', 'c', 'd'")
+    if not isinstance(answer, str) or answer.strip().lower() not in ("a", "b", "c", "d"):
+        return _report(name, False, f"answer with one letter, 'a' to 'd', got {answer!r}")
+    why = {
+        "a": "the ceiling row decodes through the same autoencoder and reaches it",
+        "b": "many 28x28 digits shrink to the same 14x14 one; the model draws one of them, and "
+        "the details it invents differ from the ones that were lost",
+        "c": "more steps refine a sample; they cannot recover what the 14x14 input no longer holds",
+        "d": "PSNR compares pixels with the original; no classifier is involved",
+    }
+    letter = answer.strip().lower()
+    return _report(name, letter == "b", why[letter])
+
+
 SOLUTIONS: dict[str, tuple[str, str, str, str]] = {
     "01.1": (
         "alphas_cumprod",
@@ -609,6 +627,15 @@ SOLUTIONS: dict[str, tuple[str, str, str, str]] = {
         "def my_latent_mask(mask, factor):\n    return F.max_pool2d(mask, factor)\n",
         "A latent cell covers factor x factor pixels; if any of them is to be filled, the cell "
         "must be generated, so take the maximum over each cell (max-pooling).",
+    ),
+    "06.3": (
+        "answer",
+        "check_upscaling_psnr",
+        'answer = "b"\n',
+        "Downsampling throws information away: every 14x14 digit is the shrunken image of many "
+        "28x28 ones. A diffusion upscaler samples one plausible digit; its invented strokes sit "
+        "a pixel or two from the lost ones, which PSNR punishes, while the classifier, which "
+        "asks only whether it is the same digit, reads it perfectly.",
     ),
 }
 

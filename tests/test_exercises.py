@@ -202,3 +202,6 @@ def test_the_lesson_06_checkers_name_the_usual_slips(capsys):
     assert not exercises.check_latent_mask(lambda m, f: (F.avg_pool2d(m, f) == 1).float())
     assert "one pixel is enough" in capsys.readouterr().out
     assert not exercises.check_latent_mask(not_attempted)
+    assert not exercises.check_upscaling_psnr("c")  # more steps cannot recover lost detail
+    assert "cannot recover" in capsys.readouterr().out
+    assert not exercises.check_upscaling_psnr("e") and exercises.check_upscaling_psnr(" B ")
