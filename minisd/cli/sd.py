@@ -152,13 +152,10 @@ def cmd_applications(args: argparse.Namespace) -> None:
     classifier = load_classifier(device=device)
     models = {name: load_diffusion(getattr(args, name), device=device)
               for name in ("text_model", "unconditional", "inpainter", "upscaler")}  # fmt: skip
-    results = {
-        "command": command_line(args),
-        "hardware": hardware(),
-        "n": len(images),
-        "checkpoints": {k: repo_path(getattr(args, k)) for k in models},
-        "checkpoints_sha256": {k: m.metadata["weights_sha256"] for k, m in models.items()},
-    }
+    results = {"command": command_line(args), "hardware": hardware(), "n": len(images)}
+    for name, model in models.items():  # each measured file and its hash, as every result has
+        results[name] = repo_path(getattr(args, name))
+        results[f"{name}_sha256"] = model.metadata["weights_sha256"]
     text = models["text_model"]
     config = text.sampler_config("dpm++2m", args.steps)
     print(f"image-to-image: {len(images)} test digits, a prompt for another digit each")
