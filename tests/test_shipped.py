@@ -553,3 +553,44 @@ def test_fast_sampler_table_compares_dpm_solver_and_ddim_on_the_text_model():
     assert all(fid[f"DPM++2M-{n}"] < fid[f"DDIM-{n}"] for n in steps)
     kept, _ = load_tensors(TEXT_SAMPLERS.with_suffix(".safetensors"))
     assert set(kept) == set(names)
+
+
+# ----- lesson 06: image-to-image, inpainting, upscaling ------------------------------------------
+APPLICATIONS = RESULTS / "applications.json"
+INPAINTER = CHECKPOINTS / "ldm_inpaint_mnist.safetensors"
+UPSCALER = CHECKPOINTS / "ldm_upscale_mnist.safetensors"
+
+
+@pytest.mark.parametrize(
+    "path, task, channels", [(INPAINTER, "inpaint", 5), (UPSCALER, "upscale", 4)]
+)
+def test_shipped_application_models_were_trained_for_their_task(path, task, channels):
+    sidecar = load_json(path.with_suffix(".json"))
+    assert sidecar["task"] == task and all(f"--task {task}" in c for c in sidecar["commands"])
+    assert sidecar["unet_config"]["concat_channels"] == channels
+    assert load_diffusion(path).unet.config.in_channels == 4 + channels
+
+
+@needs(APPLICATIONS)
+def test_img2img_table_moves_from_the_input_to_the_prompt_with_strength():
+    results = load_json(APPLICATIONS)
+    assert results["command"].startswith("python -m minisd applications") and results["n"] >= 500
+    rows = results["img2img"]["rows"]
+    new, old = [r["new_digit"] for r in rows], [r["input_digit"] for r in rows]
+    assert new == sorted(new) and old == sorted(old, reverse=True)  # monotone in strength
+    by = {r["strength"]: r for r in rows}
+    assert by[0.1]["input_digit"] > 0.9 and by[0.1]["new_digit"] < 0.05  # the notebook's claims
+    assert by[0.2]["input_digit"] > by[0.2]["new_digit"]
+    assert by[0.3]["new_digit"] > by[0.3]["input_digit"]  # the prompt wins between 0.2 and 0.3
+    assert min(r["new_digit"] for r in rows if r["strength"] >= 0.5) > 0.99
+    psnrs = [r["psnr_to_input"] for r in rows]
+    assert psnrs == sorted(psnrs, reverse=True)
+
+
+@needs(APPLICATIONS)
+def test_the_upscaler_beats_bicubic_and_stays_below_the_autoencoders_ceiling():
+    rows = {r["method"]: r for r in load_json(APPLICATIONS)["upscaling"]["rows"]}
+    drawn, bicubic, ceiling = (rows[k] for k in ("diffusion upscaler", "bicubic",
+                                                  "autoencoder ceiling"))  # fmt: skip
+    assert drawn["psnr"] > bicubic["psnr"] + 3 and drawn["psnr"] < ceiling["psnr"] - 3
+    assert drawn["accuracy"] >= bicubic["accuracy"] and drawn["mnist_fid"] < bicubic["mnist_fid"]
