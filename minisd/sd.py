@@ -433,7 +433,8 @@ def to_diffusers_unet(unet: UNetModel):
             in_channels=cfg.in_channels, out_channels=cfg.out_channels,
             block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
             layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.norm_num_groups,
-            cross_attention_dim=cfg.context_dim, attention_head_dim=tuple(heads),
+            cross_attention_dim=cfg.context_dim,
+            attention_head_dim=heads[0] if len(set(heads)) == 1 else tuple(heads),  # SD v1: 8
             use_linear_projection=cfg.use_linear_in_transformer,
         )  # fmt: skip
     ldm = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
