@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from minisd.conditioning import ImageConditioner
 from minisd.course import progress as progress_bar
 from minisd.latent import encode_images
 from minisd.sampling import Callback, EpsFn, _call_eps_fn, _check_sequence, _ddim_step
@@ -254,11 +255,21 @@ def inpaint(
                 "method='model' needs a latent model trained for inpainting (its U-Net takes the "
                 "masked image and mask as concat_channels); use 'replace' or 'repaint' otherwise"
             )
-        if cond is not None:
-            raise ValueError("this inpainting model takes no prompt: pass cond=None")
-        concat = inpainting_condition(model.vae, images, mask)
-        out = model.sample(x_T, config, cond=concat, generator=generator)
-        return paste(images, out.cpu(), mask)
+        concat = inpainting_condition(model.vae, images, mask).to(model.device)
+        if isinstance(model.conditioner, ImageConditioner):  # the mask is its only condition
+            if cond is not None:
+                raise ValueError("this inpainting model takes no prompt: pass cond=None")
+            out = model.sample(x_T, config, cond=concat, generator=generator)
+            return paste(images, out.cpu(), mask)
+        # SD's inpainting U-Net: the prompt by cross-attention, the masked image by concatenation
+        eps_fn = model.guided_eps_fn(cond, n, guidance_scale, negative, {"concat": concat})
+        x0 = config.sample(eps_fn, x_T, model.schedule, generator=generator)
+        return paste(images, model.decode(x0).clamp(-1, 1).cpu(), mask)
+    if model.unet.config.concat_channels:
+        raise ValueError(
+            f"method={method!r} runs a plain model; this one is trained for inpainting (its U-Net "
+            "takes the masked image as concat_channels): use method='model'"
+        )
     z0 = model.encode(images)
     m = _sampling_mask(model, mask).to(model.device)
     eps_fn = model.guided_eps_fn(cond, n, guidance_scale, negative)

@@ -133,19 +133,24 @@ class DiffusionModel:
 
         return model_fn if self.prediction == "eps" else v_to_eps_fn(model_fn, self.schedule)
 
-    def guided_eps_fn(self, cond: Any, n: int, scale: float = 1.0, negative: Any = None) -> EpsFn:
+    def guided_eps_fn(
+        self, cond: Any, n: int, scale: float = 1.0, negative: Any = None, extra: dict | None = None
+    ) -> EpsFn:
         """The eps_fn for n samples under `cond`, with classifier-free guidance at `scale`
         (1: none; see `minisd.guidance`); `negative`: a condition to steer away from in place
-        of the null one. The outputs are combined before a v-model's are turned into noise
+        of the null one. extra: U-Net inputs both halves get (SD's inpainting model: the masked
+        image as `concat`). The outputs are combined before a v-model's are turned into noise
         (the two are linear, so it is the same)."""
         from minisd.guidance import check_scale, classifier_free
 
-        scale, kwargs = check_scale(scale), self.condition(cond, n)
+        extra = extra or {}
+        scale, kwargs = check_scale(scale), self.condition(cond, n) | extra
         if scale == 1.0:
             return self.eps_fn(**kwargs)
         if self.conditioner is None:
             raise ValueError(f"guidance scale {scale}: this model is unconditional; use scale 1")
-        guided = classifier_free(self._model_fn, kwargs, self.condition(negative, n), scale)
+        null = self.condition(negative, n) | extra
+        guided = classifier_free(self._model_fn, kwargs, null, scale)
         return guided if self.prediction == "eps" else v_to_eps_fn(guided, self.schedule)
 
     def condition_batch(self, cond: Any, n: int) -> torch.Tensor | None:

@@ -122,6 +122,27 @@ def test_inpaint_pastes_back_the_known_pixels_exactly(method) -> None:
         ip.inpaint(pixel_model(), x, mask, method="blur")
 
 
+def test_an_sd_inpainting_model_takes_the_prompt_and_the_masked_image_together() -> None:
+    from test_sd import small_sd
+
+    sd = small_sd()  # SD's inpainting layout at toy size: x_t + the masked latent + the mask
+    c = sd.unet.config.in_channels
+    cfg = dataclasses.replace(sd.unet.config, in_channels=2 * c + 1, concat_channels=c + 1)
+    torch.manual_seed(0)
+    sd.unet = UNetModel(cfg).eval()
+    randomize(sd.unet, std=0.1)
+    model = sd.diffusion_model(16, SamplerConfig(steps=3, clip_x0=None))
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:] = 1
+    cat = ip.inpaint(model, images, mask, ["a cat", "a cat"], method="model", guidance_scale=3.0)
+    dog = ip.inpaint(model, images, mask, ["a dog", "a dog"], method="model", guidance_scale=3.0)
+    assert torch.equal(cat[..., :8], images[..., :8])  # the known half, pasted back
+    assert not torch.allclose(cat, dog)  # the prompt reaches the U-Net beside the concatenation
+    with pytest.raises(ValueError, match="use method='model'"):
+        ip.inpaint(model, images, mask, ["a cat"] * 2, method="replace")
+
+
 # ----- image-to-image --------------------------------------------------------------------------
 def test_strength_keeps_the_tail_of_the_timesteps() -> None:
     ts = ddim_timesteps(1000, 20)

@@ -77,3 +77,16 @@ def test_a_bf16_model_samples_under_the_fp32_sampler() -> None:
                                  config=config, progress=False)  # fmt: skip
     assert got.dtype == torch.float32
     assert (got - want).abs().mean() < 0.05  # bf16 keeps ~3 significant digits
+
+
+def test_the_sd_command_counts_the_unet_steps_each_mode_runs() -> None:
+    from argparse import Namespace
+
+    from minisd.cli.sd import _unet_steps
+
+    args = Namespace(steps=50, strength=0.6, repaint=1)
+    assert _unet_steps(args, None, None) == 50  # text to image
+    assert _unet_steps(args, "image", None) == 30  # img2img runs the strength's share
+    assert _unet_steps(args, "image", "mask") == 50  # inpainting by replacement: every step
+    args.repaint = 5  # RePaint redoes each step but the last 5 times
+    assert _unet_steps(args, "image", "mask") == 50 + 49 * 4

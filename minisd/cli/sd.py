@@ -70,9 +70,8 @@ def cmd_sd(args: argparse.Namespace) -> None:
     sd = _load(args)
     print(f"{sd.preset}: {sd.info.get('weights')}, predicts {sd.prediction}")
     config = pipeline.sampler_for(args.sampler, args.steps)
-    calls = args.steps if init is None or mask is not None else round(args.steps * args.strength)
-    print(pipeline.estimate(sd, args.size, len(prompts) * args.n, calls, args.guidance, dtype,
-                            device))  # fmt: skip
+    print(pipeline.estimate(sd, args.size, len(prompts) * args.n, _unet_steps(args, init, mask),
+                            args.guidance, dtype, device))  # fmt: skip
     sd.to(device, dtype)
     if init is None:
         images = pipeline.text_to_image(sd, prompts, negative=args.negative, n=args.n,
@@ -89,6 +88,16 @@ def cmd_sd(args: argparse.Namespace) -> None:
         print(f"wrote {out}" + (f" ({UNTRAINED})" if "random" in sd.info["weights"] else ""))
 
 
+def _unet_steps(args: argparse.Namespace, init, mask) -> int:
+    """U-Net calls per image (each one batch of two with guidance): text-to-image runs every
+    step, img2img the strength's share, RePaint redoes all but the last step --repaint times."""
+    if init is None:
+        return args.steps
+    if mask is None:
+        return max(1, round(args.steps * args.strength))
+    return args.steps + (args.steps - 1) * (args.repaint - 1)
+
+
 def _edit(sd, prompts, init, mask, config, args) -> torch.Tensor:
     from minisd.img2img import image_to_image
     from minisd.inpainting import inpaint
@@ -98,6 +107,13 @@ def _edit(sd, prompts, init, mask, config, args) -> torch.Tensor:
     images = init.expand(len(cond), -1, -1, -1)
     if mask is not None:
         method = "repaint" if args.repaint > 1 else "replace"
+        if sd.unet.config.concat_channels:  # an inpainting checkpoint (sd-v1-inpainting)
+            if args.repaint > 1:
+                raise ValueError(
+                    "--repaint resamples with a plain model; this file is an inpainting model, "
+                    "which needs no resampling: drop --repaint"
+                )
+            method = "model"
         return inpaint(model, images, mask.expand(len(cond), -1, -1, -1), cond, method=method,
                        resample=args.repaint, guidance_scale=args.guidance,
                        negative=args.negative, seed=args.seed)  # fmt: skip
