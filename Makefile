@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 BUILD := build/notebooks
 
-.PHONY: test unit lint demo notebooks lab format clean mutate
+.PHONY: test unit lint demo notebooks lab format clean mutate bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "minisd needs Python >= 3.10 (3.11 recommended)"'
@@ -52,6 +52,12 @@ notebooks: $(STAMP)
 ## lab: JupyterLab on the course notebooks
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
+
+## bench: minisd beside diffusers at identical weights; writes bench/results.md and .json
+# BENCH_ARGS picks groups and repeats, e.g. BENCH_ARGS="--only train-text --repeats 5" (or --quick).
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 ## mutate: mutation testing of the core modules (slow, not in CI); writes data/results/mutation.md
 # mutmut forks one process per mutant; MUTATE_JOBS of them run at once (1 suits a 2-core laptop).

@@ -420,9 +420,20 @@ def _diffusers():
 
 def to_diffusers_unet(unet: UNetModel):
     """diffusers' UNet2DConditionModel with this U-Net's architecture and weights, the keys
-    mapped by diffusers' own converter: the reference our U-Net is checked against."""
+    mapped by diffusers' own converter: the reference our U-Net is checked against. A U-Net
+    without text (context_dim None) is called with encoder_hidden_states=None there."""
     diffusers, convert = _diffusers()
     cfg = unet.config
+    context_dim = cfg.context_dim
+    if context_dim is None:  # no text: both attention layers attend to x, ldm's way and diffusers'
+        mults = [m for i, m in enumerate(cfg.channel_mult) if 2**i in cfg.attention_resolutions]
+        widths = {cfg.model_channels * m for m in [*mults, cfg.channel_mult[-1]]}  # + the middle
+        if len(widths) != 1:
+            raise ValueError(
+                f"a U-Net without context attends at widths {sorted(widths)}: diffusers' "
+                "UNet2DConditionModel takes one (cross_attention_dim)"
+            )
+        context_dim = widths.pop()
     heads = [cfg.heads(cfg.model_channels * m)[0] for m in cfg.channel_mult]
     attends = [2**i in cfg.attention_resolutions for i in range(len(cfg.channel_mult))]
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends]
@@ -433,7 +444,7 @@ def to_diffusers_unet(unet: UNetModel):
             in_channels=cfg.in_channels, out_channels=cfg.out_channels,
             block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
             layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.norm_num_groups,
-            cross_attention_dim=cfg.context_dim,
+            cross_attention_dim=context_dim,
             attention_head_dim=heads[0] if len(set(heads)) == 1 else tuple(heads),  # SD v1: 8
             use_linear_projection=cfg.use_linear_in_transformer,
         )  # fmt: skip

@@ -263,3 +263,26 @@ def test_full_size_autoencoder_equals_diffusers() -> None:
         assert sdmod.max_relative_error(post.mean, ref_post.mean) < 1e-4
         assert sdmod.max_relative_error(post.logvar, ref_post.logvar) < 1e-4
         assert sdmod.max_relative_error(ours.decode(z), ref.decode(z).sample) < 1e-4
+
+
+def test_a_unet_without_text_equals_diffusers_with_no_encoder_states() -> None:
+    from minisd.unet import MNIST
+
+    torch.manual_seed(0)
+    ours = UNetModel(MNIST).eval()
+    sdmod.perturb_constants(ours, 0)
+    ref = sdmod.to_diffusers_unet(ours)  # both attention layers attend to x, as ldm's do
+    assert ref.config.cross_attention_dim == 64 and sum(p.numel() for p in ref.parameters()) == sum(
+        p.numel() for p in ours.parameters()
+    )
+    x, t = (
+        torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1)),
+        torch.tensor([3, 700]),
+    )
+    with torch.no_grad():
+        assert (
+            sdmod.max_relative_error(ours(x, t), ref(x, t, encoder_hidden_states=None).sample)
+            < 1e-5
+        )
+    with pytest.raises(ValueError, match="attends at widths"):
+        sdmod.to_diffusers_unet(UNetModel(dataclasses.replace(MNIST, attention_resolutions=(1, 4))))

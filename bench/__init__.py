@@ -1,0 +1,1 @@
+"""minisd's benchmarks against diffusers: `make bench` (see bench/run.py)."""

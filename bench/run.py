@@ -1,0 +1,131 @@
+"""`make bench`: minisd beside diffusers, written to bench/results.json and bench/results.md.
+
+    python -m bench.run                              # every group, 3 repeats
+    python -m bench.run --only train-text --repeats 5
+    python -m bench.run --quick                      # the small cases, to try it out
+
+A run of some groups replaces their rows and keeps the others', so the table can be refreshed a
+group at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import cases
+from bench.harness import machine, measure
+from minisd.checkpoint import atomic_write
+
+HERE = Path(__file__).resolve().parent
+
+
+def write_json(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1) + "\n"))
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """The old rows with those measured again replaced (by name), in the old order."""
+    fresh = {r["name"]: r for r in new}
+    kept = [fresh.pop(r["name"], r) for r in old]
+    return kept + list(fresh.values())
+
+
+def _fmt(value: float, unit: str) -> str:
+    return f"{value:.3g} s" if unit == "s" else f"{value:.1f} img/s"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results as a Markdown table, with the machine each row ran on."""
+    out = [
+        "# minisd beside diffusers",
+        "",
+        "Written by `make bench` (`python -m bench.run`); median of the repeats, min-max in",
+        "brackets, the two implementations alternated. ratio = minisd / diffusers: below 1 is",
+        "faster for times (s), above 1 for throughputs (img/s). GFLOP/s: FLOPs counted by",
+        "PyTorch's FlopCounterMode over the median time, beside the CPU's nominal fp32 peak;",
+        "peak MiB: the most memory live tensors held during one run (weights excluded).",
+        "",
+    ]
+    machines = {json.dumps(r["machine"], sort_keys=True) for r in rows}
+    for m in sorted(machines):
+        info = json.loads(m)
+        out.append(
+            f"- machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
+            f"diffusers {info['diffusers']}; fp32 peak {info['nominal_peak_gflops'] or 0:.0f} "
+            f"GFLOP/s nominal, {info['sgemm_gflops']:.0f} measured (2048^3 sgemm); "
+            f"GPU: {info['gpu'] or 'none'}"
+        )
+    out += [
+        "",
+        "| benchmark | minisd | diffusers | ratio | minisd GFLOP/s (share of peak) "
+        "| peak MiB minisd / diffusers | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["minisd_spread"]
+        rlo, rhi = r["reference_spread"]
+        flops = (
+            f"{r['minisd_gflops_per_s']:.0f} ({r.get('minisd_share_of_peak', 0):.0%})"
+            if "minisd_gflops_per_s" in r
+            else ""
+        )
+        mem = (
+            f"{r['minisd_peak_mib']:.0f} / {r['reference_peak_mib']:.0f}"
+            if "minisd_peak_mib" in r
+            else ""
+        )
+        out.append(
+            f"| {r['name']} | {_fmt(r['minisd'], r['unit'])} [{lo:.3g}-{hi:.3g}] | "
+            f"{_fmt(r['reference'], r['unit'])} [{rlo:.3g}-{rhi:.3g}] | {r['ratio']:.3f} | "
+            f"{flops} | {mem} | {r.get('note', '')} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", choices=sorted(cases.GROUPS), default=None,
+                   help="benchmark groups to run (default: all)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation")
+    p.add_argument("--quick", action="store_true", help="the small case of each group")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=str(HERE / "results"), help="results path without suffix")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        p.error(f"--out: no folder {out.parent}")
+    info = machine()
+    command = "python -m bench.run " + " ".join(shlex.quote(a) for a in argv)
+    groups = args.only or list(cases.GROUPS)
+    new = []
+    for group in groups:
+        kwargs = cases.QUICK[group] if args.quick else {}
+        for case in cases.GROUPS[group](**kwargs):
+            peak = (info["nominal_peak_gflops"] or info["sgemm_gflops"]) * 1e9
+            row = measure(case, args.repeats, peak_flops=peak)
+            row |= {"group": group, "command": command, "machine": info}
+            ours, theirs = _fmt(row["minisd"], row["unit"]), _fmt(row["reference"], row["unit"])
+            print(f"{row['name']}: minisd {ours}, diffusers {theirs}, ratio {row['ratio']:.3f}")
+            new.append(row)
+    json_path = out.with_suffix(".json")
+    rows = merge(json.loads(json_path.read_text()) if json_path.is_file() else [], new)
+    write_json(json_path, rows)
+    md = out.with_suffix(".md")
+    atomic_write(md, lambda tmp: Path(tmp).write_text(markdown(rows)))
+    print(f"wrote {json_path} and {md}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
