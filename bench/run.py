@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation")
     p.add_argument("--quick", action="store_true", help="the small case of each group")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(cases.DTYPES), default=None,
+                   help="the SD U-Net's precisions (default: fp32 and bf16 autocast)")  # fmt: skip
     p.add_argument("--out", default=str(HERE / "results"), help="results path without suffix")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -110,7 +112,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     groups = args.only or list(cases.GROUPS)
     new = []
     for group in groups:
-        kwargs = cases.QUICK[group] if args.quick else {}
+        kwargs = dict(cases.QUICK[group]) if args.quick else {}
+        if group == "sd-unet" and args.dtypes:
+            kwargs["dtypes"] = tuple(args.dtypes)
         for case in cases.GROUPS[group](**kwargs):
             peak = (info["nominal_peak_gflops"] or info["sgemm_gflops"]) * 1e9
             row = measure(case, args.repeats, peak_flops=peak)

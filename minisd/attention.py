@@ -275,9 +275,11 @@ class SpatialTransformer(nn.Module):
             hidden = self.proj_in(hidden).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             hidden = block(hidden, context, context_mask)
+        # back to (B, C, H, W) in the standard (contiguous) layout: the transposed view would be
+        # channels-last, and the convolutions after it run slower on that layout
         if self.use_linear:
-            return x + self.proj_out(hidden).transpose(1, 2).reshape(x.shape)
-        return x + self.proj_out(hidden.transpose(1, 2).reshape(b, -1, h, w))
+            return x + self.proj_out(hidden).transpose(1, 2).reshape(x.shape).contiguous()
+        return x + self.proj_out(hidden.transpose(1, 2).reshape(b, -1, h, w).contiguous())
 
 
 def check_context(context: torch.Tensor | None, context_dim: int | None, batch: int) -> None:
