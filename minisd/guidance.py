@@ -77,13 +77,15 @@ def classifier_free(
             f"cond and uncond must give the same arguments, got {sorted(cond)} vs {sorted(uncond)}"
         )
 
+    # the conditions do not change between steps: batched once, not at every step
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond} if scale not in (0.0, 1.0) else {}
+
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if scale == 1.0:
             return model_fn(x, t, **cond)
         if scale == 0.0:
             return model_fn(x, t, **uncond)
-        both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # (2B, ...)
-        eps_u, eps_c = model_fn(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+        eps_u, eps_c = model_fn(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)  # (2B, ...)
         return eps_u + scale * (eps_c - eps_u)
 
     return eps_fn

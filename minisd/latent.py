@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minisd.checkpoint import load_tensors, save_tensors
 from minisd.course import progress as progress_bar
+from minisd.train import make_optimizer
 from minisd.vae import AutoencoderKL, compute_scale_factor
 
 BACKGROUND = -1.0  # MNIST's background in the course's [-1, 1] pixel scale
@@ -177,7 +178,7 @@ def training_cost(
     timed steps after `warmup` untimed ones.
     """
     model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model.parameters(), lr=1e-4)
     x = torch.randn(batch_size, *sample_shape, device=device)
     t = torch.randint(0, 1000, (batch_size,), device=device)
     seconds = []
