@@ -4,6 +4,10 @@ Each function returns `Case`s (see harness). Models are built once per group and
 cases; the diffusers twin of a minisd U-Net comes through diffusers' own converter
 (`minisd.sd.to_diffusers_unet`), so both hold the same numbers. Training twins are copies, so
 each optimiser updates its own weights.
+
+Groups: sd-unet, sd-vae (SD v1 at full size), train-mnist, train-text (training steps),
+generate (text to MNIST end to end, with quality), latent-pixel (minisd's latent model beside
+its pixel model), course (each notebook's quick run and `make test`, minisd alone).
 """
 
 from __future__ import annotations
@@ -11,7 +15,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +27,7 @@ import torch.nn.functional as F
 from bench.harness import Case
 from minisd import sd as sdmod
 from minisd.summary import count_parameters
+from minisd.train import make_optimizer
 from minisd.unet import MNIST, SD_V1, UNetConfig, UNetModel
 
 # The shape of the text-to-MNIST model at the width the issue measured: 4x8x8 latents, a 77x64
@@ -99,11 +108,21 @@ def sd_vae_decode(sides=(32, 64)) -> Iterator[Case]:
 
 
 # ----- training throughput -------------------------------------------------------------------
-def _train_step(model: torch.nn.Module, forward: Callable, target: torch.Tensor) -> Callable:
-    """One step as `python -m minisd train` takes it: forward, MSE to the noise, backward,
-    AdamW (lr 1e-4), gradients set to None between steps."""
+_OPTIMISERS = "AdamW: fused in minisd (as `train` builds it), torch's default in diffusers"
+
+
+def _train_step(
+    model: torch.nn.Module, forward: Callable, target: torch.Tensor, ours: bool
+) -> Callable:
+    """One step: forward, MSE to the noise, backward, AdamW (lr 1e-4), gradients set to None
+    between steps. minisd's side builds its optimiser as `python -m minisd train` does
+    (`train.make_optimizer`: fused AdamW); diffusers' side as its training scripts do
+    (`torch.optim.AdamW` with torch's defaults)."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if ours:
+        opt = make_optimizer(model.parameters(), lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -148,20 +167,21 @@ def train_mnist_unet(batch: int = 128) -> Iterator[Case]:
     name = f"training step, MNIST preset U-Net (pixels 28x28, batch {batch})"
     yield Case(
         name,
-        {"minisd": _train_step(ours, lambda m: m(x, t), target),
+        {"minisd": _train_step(ours, lambda m: m(x, t), target, ours=True),
          "reference": _train_step(twin, lambda m: m(x, t, encoder_hidden_states=None).sample,
-                                  target)},
+                                  target, ours=False)},
         unit="img/s", images=batch,
-        note="reference: diffusers UNet2DConditionModel, identical weights",
+        note="reference: diffusers UNet2DConditionModel, identical weights; " + _OPTIMISERS,
         extra={"parameters": n_ours},
     )  # fmt: skip
     yield Case(
         name + ", against UNet2DModel",
-        {"minisd": _train_step(copy.deepcopy(ours), lambda m: m(x, t), target),
-         "reference": _train_step(plain, lambda m: m(x, t).sample, target)},
+        {"minisd": _train_step(copy.deepcopy(ours), lambda m: m(x, t), target, ours=True),
+         "reference": _train_step(plain, lambda m: m(x, t).sample, target, ours=False)},
         unit="img/s", images=batch,
         note=f"reference: diffusers UNet2DModel at the same widths and attention placement, "
-        f"{n_plain / n_ours - 1:+.0%} parameters (one attention layer, no feed-forward)",
+        f"{n_plain / n_ours - 1:+.0%} parameters (one attention layer, no feed-forward); "
+        + _OPTIMISERS,
         extra={"parameters": n_ours, "reference_parameters": n_plain},
     )  # fmt: skip
 
@@ -177,13 +197,160 @@ def train_text_unet(batch: int = 64, config: UNetConfig = SMALL_TEXT) -> Iterato
     yield Case(
         f"training step, text-conditioned U-Net (4x8x8 latents, 77x{config.context_dim} "
         f"context, batch {batch})",
-        {"minisd": _train_step(ours, lambda m: m(x, t, ctx), target),
+        {"minisd": _train_step(ours, lambda m: m(x, t, ctx), target, ours=True),
          "reference": _train_step(ref, lambda m: m(x, t, encoder_hidden_states=ctx).sample,
-                                  target)},
+                                  target, ours=False)},
         unit="img/s", images=batch,
-        note="reference: diffusers UNet2DConditionModel, identical weights",
+        note="reference: diffusers UNet2DConditionModel, identical weights; " + _OPTIMISERS,
         extra={"parameters": count_parameters(ours)},
     )  # fmt: skip
+
+
+# ----- end to end: text to MNIST ----------------------------------------------------------------
+GENERATION_SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("dpm++2m", 20))
+
+
+def _diffusers_scheduler(config, schedule):
+    """diffusers' scheduler for a minisd SamplerConfig, from the same betas, with the settings
+    under which our samplers equal diffusers' (tests/test_sampling.py)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    common = dict(num_train_timesteps=schedule.num_timesteps,
+                  trained_betas=schedule.betas.float().numpy(), clip_sample=False)  # fmt: skip
+    if config.sampler == "ddpm":
+        return DDPMScheduler(**common, variance_type=config.variance)
+    if config.sampler == "ddim":
+        return DDIMScheduler(
+            **common, set_alpha_to_one=config.final_alpha_cumprod == 1.0,
+            timestep_spacing=config.spacing, steps_offset=config.steps_offset,
+        )  # fmt: skip
+    common.pop("clip_sample")
+    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                       timestep_spacing=config.spacing,
+                                       steps_offset=config.steps_offset)  # fmt: skip
+
+
+def text_to_mnist(
+    n_per_digit: int = 10, samplers=GENERATION_SAMPLERS, guidance: float = 3.0, seed: int = 0
+) -> Iterator[Case]:
+    """The shipped text-to-MNIST model generating digits from held-out phrasings with
+    classifier-free guidance: minisd's `DiffusionModel.sample` (its sampler, guidance wrapper
+    and autoencoder) against the loop diffusers' pipelines run (its scheduler, the guided batch
+    through UNet2DConditionModel, AutoencoderKL's decode) at identical weights, noise and text
+    embeddings. Quality: the shipped classifier's reading of each image against its prompt."""
+    from minisd.evaluation import digit_accuracy, prompts_per_digit
+    from minisd.latent import crop_images
+    from minisd.pretrained import CHECKPOINTS, load_diffusion
+    from minisd.text import HELD_OUT_TEMPLATES
+
+    model = load_diffusion(CHECKPOINTS / "ldm_text_mnist.safetensors")
+    unet_ref, vae_ref = sdmod.to_diffusers_unet(model.unet), sdmod.to_diffusers_vae(model.vae)
+    prompts, digits = prompts_per_digit(HELD_OUT_TEMPLATES, n_per_digit)
+    n = len(prompts)
+    cond, null = model.condition(prompts, n), model.condition(None, n)  # cached embeddings
+    both = {k: torch.cat([null[k], cond[k]]) for k in cond}  # diffusers: [uncond, cond]
+    x_T = torch.randn(n, *model.noise_shape(), generator=torch.Generator().manual_seed(seed))
+
+    def quality(images):
+        acc = digit_accuracy(images, digits)
+        return {"accuracy": acc["accuracy"], "confident": acc["confident_fraction"]}
+
+    for name, steps in samplers:
+        config = model.sampler_config(name, steps)
+
+        def run_ours(config=config):
+            gen = torch.Generator().manual_seed(seed + 1)
+            return model.sample(x_T, config, cond=prompts, generator=gen, guidance_scale=guidance)
+
+        def run_ref(config=config):
+            gen = torch.Generator().manual_seed(seed + 1)
+            scheduler = _diffusers_scheduler(config, model.schedule)
+            scheduler.set_timesteps(config.steps)
+            x = x_T.clone()
+            with torch.no_grad():
+                for t in scheduler.timesteps:
+                    eps = unet_ref(
+                        torch.cat([x, x]), t, encoder_hidden_states=both["context"],
+                        encoder_attention_mask=both.get("context_mask"),
+                    ).sample  # fmt: skip
+                    uncond, text = eps.chunk(2)
+                    eps = uncond + guidance * (text - uncond)
+                    x = scheduler.step(eps, t, x, generator=gen).prev_sample
+                images = vae_ref.decode(x / vae_ref.config.scaling_factor).sample
+            return crop_images(images, model.image_size).clamp(-1, 1)
+
+        yield Case(
+            f"text to MNIST, {config.name}, guidance {guidance:g}, {n} images",
+            {"minisd": run_ours, "reference": run_ref},
+            quality=quality, flops=False, memory=False, compare=True,
+            repeats=1 if steps > 100 else None, warmup=0 if steps > 100 else None,
+            note=f"held-out phrasings, {n_per_digit} per digit; time for all {n} images",
+            extra={"images": n, "sampler": config.name},
+        )  # fmt: skip
+
+
+# ----- latent beside pixel -------------------------------------------------------------------
+def latent_vs_pixel(batch: int = 128) -> Iterator[Case]:
+    """One training step of the MNIST preset U-Net on 4x8x8 latents (the f4 autoencoder's, as
+    lesson 03 trains on cached latents) beside the same widths on 1x28x28 pixels."""
+    from minisd.pretrained import CHECKPOINTS, load_autoencoder
+
+    vae = load_autoencoder(CHECKPOINTS / "vae_mnist_f4.safetensors")
+    latent_shape = (vae.config.z_channels, 8, 8)
+    shapes = {"minisd": latent_shape, "reference": (1, 28, 28)}
+    steps = {}
+    gen = torch.Generator().manual_seed(1)
+    for impl, shape in shapes.items():
+        config = dataclasses.replace(MNIST, in_channels=shape[0], out_channels=shape[0])
+        unet = _random_unet(config)
+        x = torch.randn(batch, *shape, generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        target = torch.randn(batch, *shape, generator=gen)
+        steps[impl] = _train_step(unet, lambda m, x=x, t=t: m(x, t), target, ours=True)
+    yield Case(
+        f"training step, MNIST preset widths, latents {'x'.join(map(str, latent_shape))} vs "
+        f"pixels 1x28x28, batch {batch}",
+        steps, unit="img/s", images=batch, reference_label="pixel",
+        note="reference column: the same U-Net widths on pixels; latents come from a cache",
+    )  # fmt: skip
+
+
+# ----- the course's own run times ---------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], cwd: Path) -> None:
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if done.returncode:
+        tail = (done.stdout + done.stderr)[-2000:]
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{tail}")
+
+
+def course_times(
+    notebooks: tuple[str, ...] | None = None, make_test: bool = True
+) -> Iterator[Case]:
+    """Each notebook run top to bottom in its default (quick) profile, as `make notebooks` runs
+    it, into a temporary folder; then the whole `make test` (lint, tests, strict nbval)."""
+    found = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    chosen = [nb for nb in found if notebooks is None or nb.stem[:2] in notebooks]
+    jupyter = str(Path(sys.executable).with_name("jupyter"))
+    for nb in chosen:
+
+        def run(nb=nb):
+            with tempfile.TemporaryDirectory() as tmp:
+                _run([jupyter, "nbconvert", "--to", "notebook", "--execute", "--output-dir", tmp,
+                      "--ExecutePreprocessor.timeout=1800", str(nb)], nb.parent)  # fmt: skip
+
+        yield Case(
+            f"notebook {nb.stem}, quick profile", {"minisd": run}, repeats=1, warmup=0,
+            flops=False, memory=False, note="jupyter nbconvert --execute, top to bottom",
+        )  # fmt: skip
+    if make_test:
+        yield Case(
+            "make test (lint, unit tests, every notebook under strict nbval)",
+            {"minisd": lambda: _run(["make", "test"], ROOT)}, repeats=1, warmup=0,
+            flops=False, memory=False, note="the CI command",
+        )  # fmt: skip
 
 
 # ----- the registry --------------------------------------------------------------------------
@@ -192,6 +359,9 @@ GROUPS: dict[str, Callable[[], Iterator[Case]]] = {
     "sd-vae": sd_vae_decode,
     "train-mnist": train_mnist_unet,
     "train-text": train_text_unet,
+    "generate": text_to_mnist,
+    "latent-pixel": latent_vs_pixel,
+    "course": course_times,
 }
 # what `make bench BENCH_ARGS=--quick` runs: the small cases, in seconds
 QUICK = {
@@ -199,6 +369,9 @@ QUICK = {
     "sd-vae": dict(sides=(32,)),
     "train-mnist": dict(batch=32),
     "train-text": dict(batch=16),
+    "generate": dict(n_per_digit=1, samplers=(("ddim", 10), ("dpm++2m", 10))),
+    "latent-pixel": dict(batch=16),
+    "course": dict(notebooks=("01",), make_test=False),
 }
 
 

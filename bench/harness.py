@@ -4,6 +4,10 @@ A `Case` holds one callable per implementation ("minisd", "reference") that does
 (a forward pass, a training step) on identical weights and inputs. `measure` warms each up, then
 runs them in turn `repeats` times (minisd, reference, minisd, ...), so a machine that slows down
 during the run slows both alike, and reports the median of each with its spread (min and max).
+The reference is diffusers unless the case names another (`reference_label`: the pixel model
+beside the latent one); a case with only "minisd" is a plain timing (a notebook, the test suite).
+A case's `quality` scores the last output of each implementation (accuracy of generated digits),
+so speed and quality land in one row.
 """
 
 from __future__ import annotations
@@ -32,10 +36,19 @@ class Case:
     flops: bool = True  # count the FLOPs of one unit (FlopCounterMode)
     memory: bool = True  # track the peak of live tensor bytes during one unit
     extra: dict = field(default_factory=dict)  # more columns for the row (parameter counts, ...)
+    reference_label: str = "diffusers"  # what the reference column is
+    quality: Callable[[object], dict] | None = None  # scores of one output, e.g. accuracy
+    repeats: int | None = None  # fewer repeats than the run's for a long case (DDPM-1000)
+    warmup: int | None = None  # fewer warm-up runs (a 1000-step sampler warms itself up)
+    compare: bool = False  # record the mean |minisd - reference| of the last outputs
 
     def __post_init__(self) -> None:
-        if set(self.run) != set(IMPLEMENTATIONS):
-            raise ValueError(f"a case runs {IMPLEMENTATIONS}, got {sorted(self.run)}")
+        if set(self.run) not in (set(IMPLEMENTATIONS), {"minisd"}):
+            raise ValueError(
+                f"a case runs {IMPLEMENTATIONS} (or minisd alone), got {sorted(self.run)}"
+            )
+        if self.repeats is not None and self.repeats < 1:
+            raise ValueError(f"a case's repeats must be at least 1, got {self.repeats}")
         if self.unit not in ("s", "img/s"):
             raise ValueError(f"unit must be 's' or 'img/s', got {self.unit!r}")
 
@@ -73,31 +86,41 @@ def measure(case: Case, repeats: int = 3, warmup: int = 1, peak_flops: float | N
     """One result row: median per implementation, ratio minisd/reference, spread, FLOP/s."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    repeats = case.repeats or repeats
+    warmup = warmup if case.warmup is None else case.warmup
+    impls = [i for i in IMPLEMENTATIONS if i in case.run]
     for _ in range(warmup):
-        for impl in IMPLEMENTATIONS:
+        for impl in impls:
             case.run[impl]()
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLEMENTATIONS}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    last: dict[str, object] = {}
     for _ in range(repeats):
-        for impl in IMPLEMENTATIONS:
-            times[impl].append(_seconds(case.run[impl]))
-    row: dict = {"name": case.name, "unit": case.unit,
+        for impl in impls:
+            times[impl].append(_seconds(lambda impl=impl: last.__setitem__(impl, case.run[impl]())))
+    row: dict = {"name": case.name, "unit": case.unit, "reference_label": case.reference_label,
                  "better": "lower" if case.unit == "s" else "higher"}  # fmt: skip
     for impl, ts in times.items():
         values = ts if case.unit == "s" else [case.images / t for t in ts]
         row[impl] = statistics.median(values)
         row[f"{impl}_spread"] = [min(values), max(values)]
         row[f"{impl}_seconds"] = statistics.median(ts)
-    row["ratio"] = row["minisd"] / row["reference"]
+    row["ratio"] = row["minisd"] / row["reference"] if "reference" in row else None
     row["repeats"] = repeats
+    if case.compare and "reference" in last:
+        diff = (last["minisd"].float() - last["reference"].float()).abs().mean()
+        row["output_difference"] = diff.item()
+    if case.quality is not None:
+        for impl in impls:
+            row |= {f"{impl}_{k}": v for k, v in case.quality(last[impl]).items()}
     if case.flops:
-        for impl in IMPLEMENTATIONS:
+        for impl in impls:
             flops = count_flops(case.run[impl])
             row[f"{impl}_gflop"] = flops / 1e9
             row[f"{impl}_gflops_per_s"] = flops / row[f"{impl}_seconds"] / 1e9
         if peak_flops:
             row["minisd_share_of_peak"] = row["minisd_gflops_per_s"] * 1e9 / peak_flops
     if case.memory:
-        for impl in IMPLEMENTATIONS:
+        for impl in impls:
             row[f"{impl}_peak_mib"] = peak_live_bytes(case.run[impl]) / 2**20
     if case.note:
         row["note"] = case.note

@@ -40,8 +40,81 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.3g} s" if unit == "s" else f"{value:.1f} img/s"
 
 
+def _spread(r: dict, impl: str) -> str:
+    lo, hi = r[f"{impl}_spread"]
+    return f"{_fmt(r[impl], r['unit'])} [{lo:.3g}-{hi:.3g}]"
+
+
+def _flops(r: dict) -> str:
+    if "minisd_gflops_per_s" not in r:
+        return ""
+    return f"{r['minisd_gflops_per_s']:.0f} ({r.get('minisd_share_of_peak', 0):.0%})"
+
+
+def _mem(r: dict) -> str:
+    if "minisd_peak_mib" not in r:
+        return ""
+    return f"{r['minisd_peak_mib']:.0f} / {r['reference_peak_mib']:.0f}"
+
+
+def _versus(rows: list[dict]) -> list[str]:
+    out = [
+        "| benchmark | minisd | diffusers | ratio | minisd GFLOP/s (share of peak) "
+        "| peak MiB minisd / diffusers | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['name']} | {_spread(r, 'minisd')} | {_spread(r, 'reference')} | "
+            f"{r['ratio']:.3f} | {_flops(r)} | {_mem(r)} | {r.get('note', '')} |"
+        )
+    return out
+
+
+def _generation(rows: list[dict]) -> list[str]:
+    out = [
+        "| generation | minisd | diffusers | ratio | digit accuracy minisd / diffusers "
+        "| confident minisd / diffusers | mean abs difference of the images | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        diff = f"{r['output_difference']:.3g}" if "output_difference" in r else ""
+        out.append(
+            f"| {r['name']} | {_spread(r, 'minisd')} | {_spread(r, 'reference')} | "
+            f"{r['ratio']:.3f} | {r['minisd_accuracy']:.1%} / {r['reference_accuracy']:.1%} | "
+            f"{r['minisd_confident']:.1%} / {r['reference_confident']:.1%} | {diff} | "
+            f"{r.get('note', '')} |"
+        )
+    return out
+
+
+def _latent_pixel(rows: list[dict]) -> list[str]:
+    out = [
+        "| benchmark | latent | pixel | ratio latent / pixel | GFLOP per step latent / pixel "
+        "| peak MiB latent / pixel | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gflop = (
+            f"{r['minisd_gflop']:.1f} / {r['reference_gflop']:.1f}" if "minisd_gflop" in r else ""
+        )
+        out.append(
+            f"| {r['name']} | {_spread(r, 'minisd')} | {_spread(r, 'reference')} | "
+            f"{r['ratio']:.3f} | {gflop} | {_mem(r)} | {r.get('note', '')} |"
+        )
+    return out
+
+
+def _alone(rows: list[dict]) -> list[str]:
+    out = ["| run | wall time | note |", "|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['name']} | {_spread(r, 'minisd')} | {r.get('note', '')} |")
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
-    """The results as a Markdown table, with the machine each row ran on."""
+    """The results as Markdown tables (minisd beside diffusers, generation with its quality,
+    latent beside pixel, the course's own run times), with the machine each row ran on."""
     out = [
         "# minisd beside diffusers",
         "",
@@ -61,30 +134,26 @@ def markdown(rows: list[dict]) -> str:
             f"GFLOP/s nominal, {info['sgemm_gflops']:.0f} measured (2048^3 sgemm); "
             f"GPU: {info['gpu'] or 'none'}"
         )
-    out += [
-        "",
-        "| benchmark | minisd | diffusers | ratio | minisd GFLOP/s (share of peak) "
-        "| peak MiB minisd / diffusers | note |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    kinds = {"versus": [], "generation": [], "pixel": [], "alone": []}
     for r in rows:
-        lo, hi = r["minisd_spread"]
-        rlo, rhi = r["reference_spread"]
-        flops = (
-            f"{r['minisd_gflops_per_s']:.0f} ({r.get('minisd_share_of_peak', 0):.0%})"
-            if "minisd_gflops_per_s" in r
-            else ""
-        )
-        mem = (
-            f"{r['minisd_peak_mib']:.0f} / {r['reference_peak_mib']:.0f}"
-            if "minisd_peak_mib" in r
-            else ""
-        )
-        out.append(
-            f"| {r['name']} | {_fmt(r['minisd'], r['unit'])} [{lo:.3g}-{hi:.3g}] | "
-            f"{_fmt(r['reference'], r['unit'])} [{rlo:.3g}-{rhi:.3g}] | {r['ratio']:.3f} | "
-            f"{flops} | {mem} | {r.get('note', '')} |"
-        )
+        label = r.get("reference_label", "diffusers")
+        if r.get("reference") is None:
+            kind = "alone"
+        elif "minisd_accuracy" in r:
+            kind = "generation"
+        else:
+            kind = "pixel" if label == "pixel" else "versus"
+        kinds[kind].append(r)
+    sections = [
+        ("versus", "", _versus),
+        ("generation", "## Text to MNIST, end to end: time per batch and quality", _generation),
+        ("pixel", "## Latent beside pixel diffusion (both minisd, equal U-Net widths)",
+         _latent_pixel),
+        ("alone", "## The course's own run times", _alone),
+    ]  # fmt: skip
+    for kind, title, table in sections:
+        if kinds[kind]:
+            out += [""] + ([title, ""] if title else []) + table(kinds[kind])
     return "\n".join(out) + "\n"
 
 
@@ -119,8 +188,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             peak = (info["nominal_peak_gflops"] or info["sgemm_gflops"]) * 1e9
             row = measure(case, args.repeats, peak_flops=peak)
             row |= {"group": group, "command": command, "machine": info}
-            ours, theirs = _fmt(row["minisd"], row["unit"]), _fmt(row["reference"], row["unit"])
-            print(f"{row['name']}: minisd {ours}, diffusers {theirs}, ratio {row['ratio']:.3f}")
+            line = f"{row['name']}: minisd {_fmt(row['minisd'], row['unit'])}"
+            if row["ratio"] is not None:
+                line += (f", {row['reference_label']} {_fmt(row['reference'], row['unit'])}, "
+                         f"ratio {row['ratio']:.3f}")  # fmt: skip
+            print(line, flush=True)
             new.append(row)
     json_path = out.with_suffix(".json")
     rows = merge(json.loads(json_path.read_text()) if json_path.is_file() else [], new)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ sits beside minisd/
 
@@ -38,9 +39,13 @@ def test_the_implementations_are_alternated():
     assert order == list(IMPLEMENTATIONS) * 4
 
 
-def test_a_case_needs_both_implementations_and_a_known_unit():
+def test_a_case_needs_minisd_and_a_known_unit():
     with pytest.raises(ValueError, match="a case runs"):
-        Case("x", {"minisd": sleeper(0)})
+        Case("x", {"reference": sleeper(0)})
+    with pytest.raises(ValueError, match="a case runs"):
+        Case("x", {"minisd": sleeper(0), "diffusers": sleeper(0)})
+    with pytest.raises(ValueError, match="repeats"):
+        Case("x", {"minisd": sleeper(0)}, repeats=0)
     with pytest.raises(ValueError, match="unit"):
         Case("x", {"minisd": sleeper(0), "reference": sleeper(0)}, unit="ms")
     with pytest.raises(ValueError, match="repeats"):
@@ -76,3 +81,66 @@ def test_the_plain_mnist_reference_has_the_presets_widths_and_attention_placemen
     assert ref.config.block_out_channels == (32, 64, 64) and ref.config.layers_per_block == 2
     assert ref.config.down_block_types == ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
     assert ref.config.up_block_types == ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+
+
+def test_quality_scores_the_last_output_and_a_case_can_ask_for_fewer_repeats():
+    calls = {"minisd": 0, "reference": 0}
+
+    def counted(impl):
+        def run():
+            calls[impl] += 1
+            return calls[impl]  # the output: how many times this ran
+
+        return run
+
+    case = Case("q", {i: counted(i) for i in IMPLEMENTATIONS}, flops=False, memory=False,
+                quality=lambda out: {"calls": out}, repeats=2)  # fmt: skip
+    row = measure(case, repeats=5, warmup=1)
+    assert row["repeats"] == 2 and calls == {"minisd": 3, "reference": 3}
+    assert row["minisd_calls"] == 3 and row["reference_calls"] == 3  # scored after the last run
+    case.warmup = 0
+    measure(case, repeats=5, warmup=1)
+    assert calls == {"minisd": 5, "reference": 5}  # no warm-up: two more runs each
+
+
+def test_a_minisd_only_case_and_the_other_tables():
+    kw = dict(flops=False, memory=False)
+    alone = measure(Case("notebook 01", {"minisd": sleeper(0.001)}, **kw), repeats=1, warmup=0)
+    assert alone["ratio"] is None and "reference" not in alone
+    pixel = measure(Case("latent vs pixel", {"minisd": sleeper(0.001), "reference": sleeper(0.002)},
+                         reference_label="pixel", unit="img/s", **kw), repeats=1)  # fmt: skip
+    images = {"minisd": lambda: torch.zeros(2, 3), "reference": lambda: torch.full((2, 3), 0.5)}
+    gen = measure(Case("text to MNIST", images, compare=True,
+                       quality=lambda _: {"accuracy": 0.5, "confident": 0.25}, **kw),
+                  repeats=1)  # fmt: skip
+    assert gen["output_difference"] == 0.5
+    info = {"cpu": "test", "threads": 1, "torch": "x", "diffusers": "y", "gpu": None,
+            "nominal_peak_gflops": 100.0, "sgemm_gflops": 80.0}  # fmt: skip
+    table = run.markdown([r | {"machine": info} for r in (alone, pixel, gen)])
+    assert "## The course's own run times" in table and "| notebook 01 |" in table
+    assert "| benchmark | latent | pixel |" in table and "| latent vs pixel |" in table
+    assert "## Text to MNIST" in table and "50.0% / 50.0%" in table and "25.0% / 25.0%" in table
+    assert "| benchmark | minisd | diffusers |" not in table  # no diffusers rows, no such table
+
+
+def test_the_diffusers_schedulers_take_the_same_timesteps_as_our_samplers():
+    from minisd.sampling import SamplerConfig
+    from minisd.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.from_dict({"kind": "linear", "num_timesteps": 1000})
+    for sampler, steps in cases.GENERATION_SAMPLERS:
+        config = SamplerConfig(sampler, steps)
+        ref = cases._diffusers_scheduler(config, schedule)
+        ref.set_timesteps(steps)
+        assert ref.timesteps.tolist() == config.timesteps(1000).tolist(), sampler
+
+
+def test_the_course_group_times_each_notebook_and_reports_a_failed_command(tmp_path):
+    found = list(cases.course_times(notebooks=("01",), make_test=False))
+    assert [c.name for c in found] == ["notebook 01_forward_noising, quick profile"]
+    assert set(found[0].run) == {"minisd"} and found[0].repeats == 1
+    assert [c.name for c in cases.course_times(notebooks=(), make_test=True)] == [
+        "make test (lint, unit tests, every notebook under strict nbval)"
+    ]
+    with pytest.raises(RuntimeError, match=r"failed \(3\):\n.*boom"):
+        cases._run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path)
