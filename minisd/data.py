@@ -184,9 +184,40 @@ def load_fashion_mnist(
     return _load_idx(_FASHION, train, root, download, limit)
 
 
+# Everything a CIFAR python batch holds besides dicts, lists, bytes, str and numbers: numpy
+# arrays, pickled through these (numpy 1 wrote numpy.core, numpy 2 writes numpy._core), and
+# bytes as protocol 2 writes them from Python 3 (_codecs.encode(text, "latin1")).
+_CIFAR_PICKLE_CLASSES = {
+    (module, name)
+    for core in ("numpy.core", "numpy._core")
+    for module, name in ((f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # protocol 2's bytes
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds: a pickle can call any importable function, so
+    a downloaded one naming anything else (os.system, ...) is refused before it runs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_CLASSES:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):  # numpy 2's name for it
+            module = "numpy._core" + module[len("numpy.core") :]
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} is not a CIFAR batch and was not loaded: its pickle asks for more than "
+            f"dicts, lists, strings, numbers and numpy arrays ({err}); delete it and download "
+            "CIFAR-10 again (python -m minisd.data cifar10)"
+        ) from err
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR batch: expected a dict, got {type(batch)}")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or not ("labels" in batch or "fine_labels" in batch):
         raise ValueError(

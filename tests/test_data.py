@@ -182,3 +182,38 @@ def test_command_line_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cifar10 train: images (20, 3, 32, 32) in [-1, 1], 20 labels" in out
     assert os.fspath(tmp_path) not in out
+
+
+class _RunsCode:
+    """What an attacker's 'dataset' pickles: unpickling it calls os.mkdir(marker)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_cifar10_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path):
+    write_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [_RunsCode(marker)]})
+    pickle.loads(payload)  # the payload is live: a plain unpickler runs it
+    assert marker.is_dir()
+    marker.rmdir()
+    (tmp_path / data.CIFAR_FOLDER / "test_batch").write_bytes(payload)
+    with pytest.raises(ValueError, match=r"not a CIFAR batch and was not loaded.*posix\.mkdir"):
+        data.load_cifar10(train=False, root=tmp_path, download=False)
+    assert not marker.exists()
+
+
+def test_cifar10_batches_written_by_numpy_1_load(tmp_path):
+    """The real files name numpy.core (numpy 1); numpy 2 calls it numpy._core."""
+    written = write_cifar(tmp_path)
+    path = tmp_path / data.CIFAR_FOLDER / "test_batch"
+    old = path.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in old
+    path.write_bytes(old)
+    x, _ = data.load_cifar10(train=False, root=tmp_path, download=False)
+    first = torch.from_numpy(written["test_batch"][0].reshape(3, 32, 32)).float() / 127.5 - 1
+    torch.testing.assert_close(x[0], first)
