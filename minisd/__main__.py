@@ -1,6 +1,8 @@
 """`python -m minisd ...`: the command line (see minisd.cli)."""
 
-from minisd.cli import main
+import sys
+
+from minisd.cli import entry
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

@@ -186,6 +186,11 @@ class DiffusionModel:
         decode latents, clamp. cond: a label or prompt, or one per sample; None is the null one.
         guidance_scale (1: none) and negative: classifier-free guidance (`guided_eps_fn`)."""
         config = config or self.sampler
+        if x_T.device != self.device:
+            raise ValueError(
+                f"x_T is on {x_T.device}, the model on {self.device}; "
+                "pass x_T.to(model.device) (evaluation.generate does)"
+            )
         eps_fn = self.guided_eps_fn(cond, len(x_T), guidance_scale, negative)
         x0 = config.sample(
             eps_fn, x_T, self.schedule, generator=generator, callback=callback, progress=progress
@@ -270,6 +275,13 @@ def _open(path: str | os.PathLike, fmt: str, what: str, command: str) -> tuple[d
         )
     sidecar = path.with_suffix(".json")
     meta["sidecar"] = load_json(sidecar) if sidecar.is_file() else {}
+    recorded = meta["sidecar"].get("weights_sha256")
+    if recorded is not None and recorded != sha256:  # a flipped bit, a partial copy, a swap
+        raise ValueError(
+            f"{path} is not the file its sidecar {sidecar.name} describes (SHA-256 "
+            f"{sha256[:12]}... vs {recorded[:12]}... recorded): the weights were changed or "
+            "damaged; copy or download them again (or delete the stale sidecar)"
+        )
     return tensors, meta
 
 

@@ -172,6 +172,23 @@ def ddpm_step(
     return _ddpm_step(schedule, x_t, eps, t, noise, variance, clip_x0, generator)[0]
 
 
+def _check_x_T(x_T: torch.Tensor) -> None:
+    """The starting noise: a floating-point tensor with a batch dimension, every value finite (a
+    NaN or inf here spreads to every later step and comes out as a blank image)."""
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 2:
+        what = f"{x_T.dtype} {tuple(x_T.shape)}" if isinstance(x_T, torch.Tensor) else type(x_T)
+        raise ValueError(
+            f"x_T must be a floating-point tensor (B, C, H, W) of noise, got {what}; "
+            "draw it with torch.randn(..., generator=...)"
+        )
+    if not bool(torch.isfinite(x_T).all()):
+        bad = int((~torch.isfinite(x_T)).sum())
+        raise ValueError(
+            f"x_T has {bad} non-finite value(s) (NaN or inf) of {x_T.numel()}; the sampler needs "
+            "finite noise: draw it with torch.randn, or check what produced it"
+        )
+
+
 def _check_sequence(schedule: NoiseSchedule, timesteps: Sequence[int] | torch.Tensor) -> list[int]:
     """The timesteps a sampler visits as a list of ints: 1-D, strictly descending, in [0, T-1]."""
     ts = torch.as_tensor(timesteps)
@@ -220,6 +237,7 @@ def sample_ddpm(
     """
     _check_choice("variance", variance, VARIANCES)
     _check_clip(clip_x0)
+    _check_x_T(x_T)
     ts = _check_sequence(schedule, timesteps)
     if ts[-1] != 0 or any(a - b != 1 for a, b in zip(ts, ts[1:], strict=False)):
         raise ValueError(
@@ -373,6 +391,7 @@ def sample_ddim(
     _check_eta(eta)
     _check_clip(clip_x0)
     _check_final_alpha_cumprod(final_alpha_cumprod)
+    _check_x_T(x_T)
     ts = _check_sequence(schedule, timesteps)
     x = x_T
     t_prevs = ts[1:] + [-1]
@@ -448,6 +467,7 @@ def sample_dpm_solver(
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2 (DPM-Solver++ 1 is DDIM; 2M), got {order!r}")
     _check_clip(clip_x0)
+    _check_x_T(x_T)
     ts = _check_sequence(schedule, timesteps)
     ab = schedule.alphas_cumprod.to(torch.float64)
     alpha, sigma = ab.sqrt(), (1 - ab).sqrt()

@@ -157,9 +157,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "v1-5-pruned-emaonly.safetensors) and pass its path"
         )
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:  # truncated, damaged, or not safetensors
+            raise ValueError(
+                f"{path.name} is not a readable safetensors file ({err}); download it again"
+            ) from err
     if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
         raise ValueError(f"{path.name}: expected a .safetensors or .ckpt file")
     try:
@@ -266,7 +272,7 @@ def openclip_to_transformers(
     return out
 
 
-def guess_preset(parts: dict[str, dict[str, torch.Tensor]]) -> str:
+def guess_preset(parts: dict[str, dict[str, torch.Tensor]], name: str = "this file") -> str:
     """Which SD the split file looks like, from its U-Net's shapes: the context width (768:
     v1, 1024: v2) and the input channels (9: an inpainting model)."""
     unet = parts["unet"]
@@ -274,8 +280,9 @@ def guess_preset(parts: dict[str, dict[str, torch.Tensor]]) -> str:
     first = unet.get("input_blocks.0.0.weight")
     if to_k is None or first is None:
         raise ValueError(
-            "this file has no SD U-Net under 'model.diffusion_model.' (found "
-            f"{len(unet)} U-Net tensors): is it a LoRA, a VAE or a diffusers file?"
+            f"{name} has no SD U-Net under 'model.diffusion_model.' (found "
+            f"{len(unet)} U-Net tensors): is it a LoRA, a VAE or a diffusers file? "
+            "Pass an SD v1.x/2.x single-file checkpoint"
         )
     version = {768: "sd-v1", 1024: "sd-v2"}.get(to_k.shape[1])
     if version is None:
@@ -352,7 +359,7 @@ def load_state(
     """`load_checkpoint` on tensors already read. configs: (U-Net config, autoencoder config,
     text encoder) to build instead of the preset's (small ones test the loading quickly)."""
     parts = split_checkpoint(state, ema)
-    guessed = guess_preset(parts) if configs is None else None
+    guessed = guess_preset(parts, name) if configs is None else None
     preset = preset or guessed or "sd-v1"
     _check_preset(preset)
     prediction = prediction or PREDICTIONS_OF.get(preset)

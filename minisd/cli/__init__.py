@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "entry", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m minisd", description="minisd: Stable Diffusion built up from MNIST."
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     diffusion.add_commands(sub)
     autoencoder.add_commands(sub)
@@ -38,3 +39,30 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.argv = argv
     args.func(args)
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """`python -m minisd`: `main`, failing like a Unix tool. A bad argument, file or run (the
+    library's ValueError, OSError, FloatingPointError; out of memory) is one line on stderr and
+    exit status 1; an interrupted run, 130 (Ctrl-C) or 143 (SIGTERM). `--debug`, anywhere on the
+    line, raises instead, with the traceback. Anything else is a bug and keeps its traceback."""
+    import torch
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    name = f"minisd {argv[0]}" if argv and not argv[0].startswith("-") else "minisd"
+    try:
+        main(argv)
+    except KeyboardInterrupt as err:  # fit's TrainingInterrupted says where it stopped
+        if debug:
+            raise
+        print(f"{name}: {' '.join(str(err).split()) or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(err, "signum", 2)
+    except (ValueError, OSError, FloatingPointError, torch.OutOfMemoryError) as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"{name}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from minisd import vae as vae_module
-from minisd.cli.options import add_device_and_seed, check_unique
+from minisd.cli.options import add_device_and_seed, check_output, check_unique
 from minisd.course import get_device, hardware, seed_everything
 from minisd.data import LOADERS, load_dataset, load_mnist
 from minisd.latent import (
@@ -39,6 +39,7 @@ VAE_PRESETS = ("TINY", "MNIST_F4", "MNIST_F8")
 
 
 def cmd_train_vae(args: argparse.Namespace) -> None:
+    check_output(args.export, "--export", ("safetensors",))  # before any training
     images, _ = load_dataset(args.dataset, train=True, limit=args.limit)
     cfg = dataclasses.replace(
         getattr(vae_module, args.preset), in_channels=images.shape[1], out_ch=images.shape[1]

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from minisd import unet as unet_module
-from minisd.cli.options import add_device_and_seed, check_output
+from minisd.checkpoint import atomic_write
+from minisd.cli.options import IMAGE_FORMATS, add_device_and_seed, check_output
 from minisd.conditioning import ConditionedUNet
 from minisd.course import get_device, hardware
 from minisd.data import LOADERS, load_dataset
@@ -135,6 +136,17 @@ def _init_from(args: argparse.Namespace, model: torch.nn.Module, schedule: Noise
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    check_output(args.export, "--export", ("safetensors",))  # a typo costs no training run
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        decay_steps=args.decay_steps,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
     images, labels = load_dataset(args.dataset, train=True, limit=args.limit)
     vae, samples = None, images
     if args.latent_vae:  # latent diffusion: encode the dataset once, train on scaled latents
@@ -155,16 +167,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         model = ConditionedUNet(model, conditioner)
     schedule = NoiseSchedule(args.schedule, args.timesteps)
     init = _init_from(args, model, schedule) if args.init_from else None
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup,
-        decay_steps=args.decay_steps,
-        ema_decay=args.ema_decay,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
     device = get_device(args.device)
     frozen = conditioner if args.text_encoder == "minilm" else None
     loss_fn = diffusion_loss_fn(
@@ -236,6 +238,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from minisd.evaluation import generate
     from minisd.plotting import show_images
 
+    out = check_output(args.out, "--out", IMAGE_FORMATS)  # before the model loads
+    tensor_out = check_output(args.save_tensor, "--save-tensor", ("pt",))
     model = load_diffusion(args.checkpoint, device=get_device(args.device))
     steps = model.schedule.num_timesteps if args.sampler == "ddpm" else args.steps
     config = model.sampler_config(args.sampler, steps, eta=args.eta, variance=args.variance)
@@ -250,12 +254,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"sampling {args.n} images with {config.name}")
     images = generate(model, args.n, config, args.seed, image_size=args.size, progress=True,
                       cond=cond)  # fmt: skip
-    if args.out:
+    if out is not None:  # atomic: a failure leaves no half-written file
         show_images(images, nrow=int(args.n**0.5 + 0.999), size=0.6)
-        plt.savefig(args.out, bbox_inches="tight", dpi=100)
-        print(f"wrote {args.out}")
-    if args.save_tensor:
-        torch.save(images, args.save_tensor)
+        fmt = out.suffix.lstrip(".").lower()
+        atomic_write(out, lambda tmp: plt.savefig(tmp, format=fmt, bbox_inches="tight", dpi=100))
+        print(f"wrote {out}")
+    if tensor_out is not None:
+        atomic_write(tensor_out, lambda tmp: torch.save(images, tmp))
 
 
 def _store_metrics(args, model, result: dict, ok: bool, why: str, **extra) -> None:

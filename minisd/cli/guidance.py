@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from minisd.checkpoint import atomic_write, write_sidecar
-from minisd.cli.options import add_device_and_seed, check_output
+from minisd.cli.options import IMAGE_FORMATS, add_device_and_seed, check_output
 from minisd.course import get_device, hardware
 from minisd.pretrained import CHECKPOINTS, load_diffusion
 from minisd.provenance import command_line, repo_path
@@ -26,7 +26,6 @@ from minisd.sampling import SAMPLERS
 from minisd.schedule import SCHEDULE_KINDS
 
 TEXT_MODEL = CHECKPOINTS / "ldm_text_mnist.safetensors"  # the course's shipped text model
-IMAGE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
+
+IMAGE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")  # what matplotlib writes
 
 
 def add_device_and_seed(parser: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -32,4 +35,12 @@ def check_output(path: str | None, flag: str, suffixes: tuple[str, ...]) -> Path
         raise ValueError(f"{flag} {path}: expected a file ending in one of .{', .'.join(suffixes)}")
     if out.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give a file name")
+    try:  # the only honest test of "can I write here" (permissions, read-only disks, root)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"{flag} {path}: cannot write in the folder {out.parent} ({err.strerror}); "
+            "choose a folder you can write to"
+        ) from err
     return out

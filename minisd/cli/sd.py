@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minisd.cli.guidance import IMAGE_FORMATS
-from minisd.cli.options import add_device_and_seed, check_output
+from minisd.cli.options import IMAGE_FORMATS, add_device_and_seed, check_output
 from minisd.course import get_device
 from minisd.sampling import SAMPLERS
 from minisd.text import check_prompts
