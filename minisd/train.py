@@ -14,12 +14,16 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from minisd.checkpoint import load_tensors, save_tensors
@@ -32,6 +36,10 @@ _STEP_SEED_MULT, _EPOCH_SEED_MULT = 1_000_003, 7_919
 # torch's CPU generator keeps only the low 32 bits of a seed, so the global RNG's seed for a step
 # (dropout draws from it) is drawn from the step's own seed: a stream unlike the step generator's.
 _GLOBAL_SEED_RANGE = 2**62
+# Under DistributedDataParallel rank r draws its shard's noise from its own stream; rank 0's is
+# the single-process one. Runs never reach 2**40 steps, so no (step, rank) pairs collide.
+_RANK_SEED_OFFSET = 2**40
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -102,21 +110,26 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return perm[i * batch_size : (i + 1) * batch_size]
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator for one step's random draws (timesteps, noise, dropout of labels)."""
-    return torch.Generator(device=device).manual_seed(seed * _STEP_SEED_MULT + step)
+def _step_seed(seed: int, step: int, rank: int = 0) -> int:
+    return seed * _STEP_SEED_MULT + step + rank * _RANK_SEED_OFFSET
+
+
+def step_generator(seed: int, step: int, device: torch.device, rank: int = 0) -> torch.Generator:
+    """The generator for one step's random draws (timesteps, noise, dropout of labels); under
+    DistributedDataParallel, `rank`'s own (rank 0 draws what a single process would)."""
+    return torch.Generator(device=device).manual_seed(_step_seed(seed, step, rank))
 
 
 @contextlib.contextmanager
-def seeded_global_rng(seed: int, step: int, device: torch.device):
-    """Seed torch's global RNG from (seed, step) for one step, and restore it afterwards.
+def seeded_global_rng(seed: int, step: int, device: torch.device, rank: int = 0):
+    """Seed torch's global RNG from (seed, step, rank) for one step, and restore it afterwards.
 
     Modules such as nn.Dropout draw from the global RNG, not from a generator we pass; seeding it
     per step makes those draws a function of (seed, step) too, so a resumed run repeats them.
     """
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
-        seeder = torch.Generator().manual_seed(seed * _STEP_SEED_MULT + step)
+        seeder = torch.Generator().manual_seed(_step_seed(seed, step, rank))
         step_seed = int(torch.randint(_GLOBAL_SEED_RANGE, (1,), generator=seeder))
         torch.default_generator.manual_seed(step_seed)
         if device.type == "cuda":
@@ -173,6 +186,133 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, enabled=False)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM stopped `fit` between two steps; with a run_dir, a checkpoint
+    of the step it stopped at was written first, so `resume=True` goes on exactly."""
+
+    def __init__(self, message: str, signum: int, result: TrainResult) -> None:
+        super().__init__(message)
+        self.signum, self.result = signum, result
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Turn SIGINT/SIGTERM into a request to stop after the current step (a dict's "signum").
+
+    The first signal only sets the request and puts the previous handlers back, so a second
+    Ctrl-C stops at once (the atomic save still keeps the last checkpoint whole). Signals can
+    only be caught in the main thread; elsewhere a run stops as it would without this.
+    """
+    request: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+    def handler(signum, frame):
+        request["signum"] = signum
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a distributed run: rank of size (0 of 1 when alone)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    def place(self, device: torch.device) -> torch.device:
+        """The device this process trains on: under DDP, GPU number local_rank."""
+        if self.size > 1 and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    @classmethod
+    def current(cls) -> World:
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return cls(dist.get_rank(), dist.get_world_size(), local)
+
+
+def init_distributed(device: str | None = None) -> World:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR in the
+    environment): NCCL on GPUs, gloo on CPUs. A no-op outside torchrun; returns this process's
+    World. `python -m minisd train` calls it, so the command runs unchanged under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return World.current()
+
+
+class _Replicated(nn.parallel.DistributedDataParallel):
+    """DDP that answers attribute look-ups (config, conditioner) as the model it wraps, so a
+    loss_fn written for the bare model runs unchanged on the replicated one."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def _agree(world: World, loss: torch.Tensor, *flags: bool) -> tuple:
+    """Under DDP, in one all-reduce: the global batch's loss (the ranks' mean), and each flag
+    (a signal came, out of time) set if any rank set it, so all ranks log the same loss and
+    stop, or fail, at the same step."""
+    values = torch.tensor([float(f) for f in flags], device=loss.device)
+    both = torch.cat([loss.detach().float().reshape(1), values])
+    dist.all_reduce(both)
+    return (both[0].item() / world.size, *(bool(v > 0) for v in both[1:].tolist()))
+
+
+def _out_of_time(config: TrainConfig, t0: float) -> bool:
+    return config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds
+
+
+def _interrupted(
+    signum: int | None, result: TrainResult, ckpt: Path | None, world: World
+) -> TrainingInterrupted:
+    """What a stop request ends in, once the step's checkpoint is written (and, under DDP,
+    every rank knows it is: none exits while rank 0 is still saving)."""
+    if world.size > 1:
+        dist.barrier()
+    signum = signum or signal.SIGTERM  # under DDP another rank may have had the signal
+    name = signal.Signals(signum).name
+    if ckpt is not None:
+        then = f"checkpoint of step {result.step} in {ckpt.parent}; continue with --resume"
+    else:
+        then = "nothing saved (no run_dir)"
+    return TrainingInterrupted(f"{name}: training stopped after step {result.step}, {then}",
+                               signum, result)  # fmt: skip
+
+
+def _not_finite(loss: float, step: int, ckpt: Path | None) -> FloatingPointError:
+    kept = (
+        f"{ckpt} keeps the last good state" if ckpt is not None and ckpt.is_file()
+        else "no checkpoint was written (pass a run_dir to keep one)"
+    )  # fmt: skip
+    return FloatingPointError(
+        f"the loss is {loss} at step {step}: training stopped before this step's update ({kept}). "
+        "Try a lower learning rate (--lr), a longer warm-up (--warmup), or float32 instead of "
+        "mixed precision (--fp32, TrainConfig(mixed_precision=False)); check the data for NaN/inf"
+    )
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -184,11 +324,24 @@ def fit(
     callback: Callable[[dict[str, float]], None] | None = None,
     device: torch.device | str | None = None,
 ) -> TrainResult:
-    """Train `model` in place for config.steps steps; checkpoint to run_dir; resume if asked."""
+    """Train `model` in place for config.steps steps; checkpoint to run_dir; resume if asked.
+
+    SIGINT/SIGTERM stop it after the current step with a checkpoint (`TrainingInterrupted`).
+    In a process group (torchrun, `init_distributed`) it trains with DistributedDataParallel:
+    each rank takes its share of config.batch_size (the global batch), DDP averages the
+    gradients, and rank 0 alone keeps the EMA, logs progress and writes the checkpoint.
+    """
     data = _check_data(data)
-    device = get_device(None if device is None else str(device))
+    world = World.current()
+    if config.batch_size % world.size:
+        raise ValueError(
+            f"batch_size {config.batch_size} (the global batch) does not split over "
+            f"{world.size} processes; use a multiple of {world.size}"
+        )
+    device = world.place(get_device(None if device is None else str(device)))
     model.to(device).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
+    lead = world.rank == 0  # the one process that keeps the EMA, logs and saves
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay and lead else None
     optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)
     use_scaler = (
         config.mixed_precision and device.type == "cuda" and not torch.cuda.is_bf16_supported()
@@ -202,57 +355,74 @@ def fit(
         window = _load_state(ckpt, result, optimizer, config)
     else:
         window = []  # losses since the last logged record
+    net = model
+    if world.size > 1:  # after loading: DDP starts every rank from rank 0's weights
+        net = _Replicated(model, device_ids=[device.index] if device.type == "cuda" else None)
     start, t0 = result.step, time.perf_counter() - result.seconds
-    bar = progress_bar(
-        range(start, config.steps), progress, desc="train", initial=start, total=config.steps
-    )
-    for step in bar:
-        idx = batch_indices(len(data[0]), config.batch_size, step, config.seed)
-        batch = tuple(d[idx].to(device, non_blocking=True) for d in data)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(config, step)
-        with (
-            seeded_global_rng(config.seed, step, device),
-            _autocast(device, config.mixed_precision),
-        ):
-            loss = loss_fn(model, batch, step_generator(config.seed, step, device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {step}; lower lr or check the data"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            update_ema(ema, model, config.ema_decay, step)
-        window.append(loss.item())
-        result.step = step + 1
-        out_of_time = (
-            config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds
-        )
-        last = result.step == config.steps or out_of_time
-        if result.step % config.log_every == 0 or last:
-            record = {
-                "step": result.step,
-                "loss": sum(window) / len(window),
-                "lr": _lr_at(config, step),
-            }
-            record["seconds"] = result.seconds = time.perf_counter() - t0
-            result.history.append(record)
-            window.clear()
-            if progress and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if callback is not None:
-                callback(record)
-        if ckpt is not None and (result.step % config.checkpoint_every == 0 or last):
-            result.seconds = time.perf_counter() - t0
-            _save_state(ckpt, result, optimizer, config, window)
-        if out_of_time:
-            break
+    bar = progress_bar(range(start, config.steps), progress and lead, desc="train", initial=start,
+                       total=config.steps)  # fmt: skip
+    with _stop_requests() as stop:
+        for step in bar:
+            idx = batch_indices(len(data[0]), config.batch_size, step, config.seed)
+            idx = idx[world.rank :: world.size]  # this rank's share, as DistributedSampler deals
+            batch = tuple(d[idx].to(device, non_blocking=True) for d in data)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(config, step)
+            with (
+                seeded_global_rng(config.seed, step, device, world.rank),
+                _autocast(device, config.mixed_precision),
+            ):
+                loss = loss_fn(net, batch, step_generator(config.seed, step, device, world.rank))
+            if world.size > 1:  # the ranks agree now on the loss and on whether to stop
+                loss_value, signalled, out_of_time = _agree(
+                    world, loss, stop["signum"] is not None, _out_of_time(config, t0)
+                )
+            else:
+                loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise _not_finite(loss_value, step, ckpt)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                update_ema(ema, model, config.ema_decay, step)
+            window.append(loss_value)
+            result.step = step + 1
+            if world.size == 1:  # alone, the clock is read after the step
+                out_of_time = _out_of_time(config, t0)
+            last = result.step == config.steps or out_of_time
+            # An interrupted step logs nothing extra (its losses wait in the checkpoint's log
+            # window), so the resumed run's records are the uninterrupted run's.
+            if result.step % config.log_every == 0 or last:
+                record = {
+                    "step": result.step,
+                    "loss": sum(window) / len(window),
+                    "lr": _lr_at(config, step),
+                }
+                record["seconds"] = result.seconds = time.perf_counter() - t0
+                result.history.append(record)
+                window.clear()
+                if progress and lead and hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if callback is not None and lead:
+                    callback(record)
+            if world.size == 1:  # a signal during the step or its callback stops after it
+                signalled = stop["signum"] is not None
+            if (
+                ckpt is not None
+                and lead
+                and (result.step % config.checkpoint_every == 0 or last or signalled)
+            ):
+                result.seconds = time.perf_counter() - t0
+                _save_state(ckpt, result, optimizer, config, window)
+            if signalled:
+                raise _interrupted(stop["signum"], result, ckpt, world)
+            if out_of_time:
+                break
     result.seconds = time.perf_counter() - t0
     model.eval()
     return result

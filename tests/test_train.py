@@ -379,7 +379,7 @@ def test_bad_config_and_data():
 
 def test_diverging_loss_stops_with_a_clear_error():
     x, _ = toy_data(8)
-    with pytest.raises(FloatingPointError, match="lower lr"):
+    with pytest.raises(FloatingPointError, match="lower learning rate"):
         fit(
             fresh_model(),
             lambda m, b, g: torch.tensor(float("nan")),

@@ -9,7 +9,9 @@ sample it, evaluate it (text models: the accuracy of the prompted digit), compar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from minisd.sampling import SAMPLERS, VARIANCES
 from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
 from minisd.summary import count_parameters
 from minisd.text import TEXT_MAX_LENGTH
-from minisd.train import TrainConfig, fit
+from minisd.train import TrainConfig, World, fit, init_distributed
 
 PRESETS = ("TINY", "MNIST", "CIFAR")
 
@@ -136,6 +138,17 @@ def _init_from(args: argparse.Namespace, model: torch.nn.Module, schedule: Noise
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Train; under torchrun, as one of its processes (rank 0 alone prints and exports)."""
+    world = init_distributed(args.device)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if world.rank else contextlib.nullcontext():
+            _train(args, world)
+    finally:
+        if world.size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, world: World) -> None:
     check_output(args.export, "--export", ("safetensors",))  # a typo costs no training run
     config = TrainConfig(
         steps=args.steps,
@@ -146,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         ema_decay=args.ema_decay,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        mixed_precision=not args.fp32,
     )
     images, labels = load_dataset(args.dataset, train=True, limit=args.limit)
     vae, samples = None, images
@@ -167,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         model = ConditionedUNet(model, conditioner)
     schedule = NoiseSchedule(args.schedule, args.timesteps)
     init = _init_from(args, model, schedule) if args.init_from else None
-    device = get_device(args.device)
+    device = world.place(get_device(args.device))
     frozen = conditioner if args.text_encoder == "minilm" else None
     loss_fn = diffusion_loss_fn(
         schedule,
@@ -191,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"done: {result.step} steps, {result.seconds:.0f} s, "
         f"last loss {result.history[-1]['loss']:.4f}"
     )
-    if args.export:
+    if args.export and world.rank == 0:
         export = Path(args.export)
         image_size = images.shape[-1] if vae is not None else None
         save_diffusion(
@@ -444,6 +458,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--checkpoint-every", type=int, default=250)
+    t.add_argument(
+        "--fp32", action="store_true", help="train in float32 on GPUs too (no mixed precision)"
+    )
     t.add_argument("--run-dir", default=None, help="folder for the resumable training checkpoint")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     t.add_argument(
