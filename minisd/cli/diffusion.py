@@ -196,7 +196,7 @@ def _train(args: argparse.Namespace, world: World) -> None:
     if concat is not None:
         data = (samples, concat)
     n_params = count_parameters(model)
-    commands = run_commands(args)
+    commands = run_commands(args) if world.rank == 0 else []  # rank 0 keeps the run's records
     print(
         f"training a {n_params / 1e6:.2f}M-parameter U-Net on {len(images)} {args.dataset} images"
     )
