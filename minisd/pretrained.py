@@ -285,6 +285,26 @@ def _open(path: str | os.PathLike, fmt: str, what: str, command: str) -> tuple[d
     return tensors, meta
 
 
+def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], path, what: str) -> None:
+    """load_state_dict, strictly, with a message that says what does not fit and why."""
+    ours = module.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    both = sorted(set(ours) & set(state))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
+        for k in both
+        if ours[k].shape != state[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{path}: the {what} weights do not fit the {what} its metadata describes "
+            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
+            f"{unexpected[:2]}; {len(shapes)} of another shape, e.g. {shapes[:2]}): the file was "
+            "edited or written by another program; export it again with minisd"
+        )
+    module.load_state_dict(state)
+
+
 def write_metrics(weights: str | os.PathLike, metrics: dict[str, Any], weights_sha256: str) -> Path:
     """Store a measurement in a weights file's sidecar, with the SHA-256 of the bytes measured.
 
@@ -322,10 +342,10 @@ def load_diffusion(
     vae = None
     if "autoencoder_config" in meta:
         vae = AutoencoderKL(_config(AutoencoderConfig, meta["autoencoder_config"]))
-        vae.load_state_dict(_strip(tensors, VAE_PREFIX, dtype))
+        _fill(vae, _strip(tensors, VAE_PREFIX, dtype), path, "autoencoder")
         vae = vae.to(device).eval()
         tensors = _strip(tensors, UNET_PREFIX, dtype)
-    unet.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
+    _fill(unet, {k: v.to(dtype) for k, v in tensors.items()}, path, "U-Net")
     schedule = NoiseSchedule.from_dict(meta["schedule"])
     unet = unet.to(device).eval()
     sampler = SamplerConfig(**meta["sampler"]) if "sampler" in meta else None
@@ -348,7 +368,7 @@ def load_autoencoder(
     """Load `save_autoencoder`'s file; `.metadata` holds its metadata and JSON sidecar."""
     tensors, meta = _open(path, AUTOENCODER_FORMAT, "autoencoder", "train-vae")
     vae = AutoencoderKL(_config(AutoencoderConfig, meta["autoencoder_config"]))
-    vae.load_state_dict(_strip(tensors, "", dtype))
+    _fill(vae, _strip(tensors, "", dtype), path, "autoencoder")
     vae.metadata = meta
     return vae.to(device).eval()
 

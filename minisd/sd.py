@@ -281,8 +281,7 @@ def guess_preset(parts: dict[str, dict[str, torch.Tensor]], name: str = "this fi
     if to_k is None or first is None:
         raise ValueError(
             f"{name} has no SD U-Net under 'model.diffusion_model.' (found "
-            f"{len(unet)} U-Net tensors): is it a LoRA, a VAE or a diffusers file? "
-            "Pass an SD v1.x/2.x single-file checkpoint"
+            f"{len(unet)} U-Net tensors): is it a LoRA, a VAE or a diffusers file?"
         )
     version = {768: "sd-v1", 1024: "sd-v2"}.get(to_k.shape[1])
     if version is None:

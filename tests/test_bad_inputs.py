@@ -19,7 +19,7 @@ import torch
 from helpers import randomize
 
 from minisd import data, guidance, text
-from minisd.checkpoint import save_tensors, write_sidecar
+from minisd.checkpoint import load_tensors, save_tensors, write_sidecar
 from minisd.cli import entry
 from minisd.pretrained import load_autoencoder, load_diffusion, save_autoencoder, save_diffusion
 from minisd.sampling import SamplerConfig, ddim_timesteps, sample_ddim, sample_ddpm
@@ -220,6 +220,18 @@ def test_a_checkpoint_of_another_kind(tmp_path):
     path = save_autoencoder(tmp_path / "vae.safetensors", AutoencoderKL(TINY_VAE))
     with pytest.raises(ValueError, match=r"vae.safetensors is not a minisd diffusion checkpoint "
                                          r"\(format 'minisd.autoencoder/1'\)"):  # fmt: skip
+        load_diffusion(path)
+
+
+def test_a_checkpoint_whose_weights_are_of_another_architecture(diffusion_file, tmp_path):
+    tensors, meta = load_tensors(diffusion_file)
+    meta = {k: v for k, v in meta.items() if k != "weights_sha256"}
+    meta["unet_config"]["model_channels"] = 16  # says 16 channels; the weights have 8
+    path = save_tensors(tmp_path / "edited.safetensors", tensors, meta)
+    want = (r"edited.safetensors: the U-Net weights do not fit the U-Net its metadata describes "
+            r"\(0 missing.*0 unexpected.*\d+ of another shape, e.g. \['input_blocks.0.0.bias: "
+            r"file \(8,\) vs model \(16,\)'.*export it again")  # fmt: skip
+    with pytest.raises(ValueError, match=want):
         load_diffusion(path)
 
 
