@@ -144,6 +144,22 @@ def test_a_signal_in_process_raises_training_interrupted_after_the_step(tmp_path
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
 
 
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    model, loss_fn, data, config = tiny_run()
+
+    def impatient(record):
+        if record["step"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # fit will stop after this step...
+            os.kill(os.getpid(), signal.SIGINT)  # ...no: now
+
+    config = dataclasses.replace(config, log_every=1)
+    with pytest.raises(KeyboardInterrupt) as info:
+        fit(model, loss_fn, data, config, tmp_path, progress=False, callback=impatient)
+    assert not isinstance(info.value, TrainingInterrupted)
+    assert saved_step(tmp_path) == 4  # step 5 was never saved; step 4's file is whole
+    assert resumed(tmp_path).step == 8
+
+
 def test_a_nan_loss_stops_training_and_the_last_good_checkpoint_survives(tmp_path):
     model, loss_fn, data, config = tiny_run()
 

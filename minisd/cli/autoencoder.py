@@ -159,6 +159,7 @@ def cmd_latent_vs_pixel(args: argparse.Namespace) -> None:
     from minisd.schedule import NoiseSchedule
 
     check_unique("--spaces", args.spaces)
+    check_output(args.out, "--out", ("json",))  # before ten minutes of training per space
     device = get_device(args.device)
     vae = load_autoencoder(args.vae, device=device)
     images, _ = load_mnist(train=True, limit=args.limit)
