@@ -333,11 +333,13 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Images (B, in_channels, H, W) -> q(z|x) over latents (B, embed_dim, H/f, W/f)."""
         self._check(x, self.config.in_channels, "x", "in_channels", self.config.downsampling_factor)
+        self._check_placement(x, "x")
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents (B, embed_dim, h, w) -> images (B, out_ch, h*f, w*f)."""
         self._check(z, self.config.embed_dim, "z", "embed_dim", 1)
+        self._check_placement(z, "z")
         return self.decoder(self.post_quant_conv(z))
 
     def forward(
@@ -362,6 +364,20 @@ class AutoencoderKL(nn.Module):
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Images from scaled latents (a diffusion sample): undo scale_factor, then decode."""
         return self.decode(z / self.config.scale_factor)
+
+    def _check_placement(self, x: torch.Tensor, name: str) -> None:
+        """x on the weights' device and, outside autocast, in their dtype."""
+        weight = self.post_quant_conv.weight
+        if x.device != weight.device:
+            raise ValueError(
+                f"{name} is on {x.device}, the autoencoder on {weight.device}; "
+                f"pass {name}.to({str(weight.device)!r})"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"{name} is {x.dtype}, the autoencoder's weights {weight.dtype}; "
+                f"pass {name}.to({weight.dtype}) (or convert the model with .to(dtype))"
+            )
 
     @staticmethod
     def _check(x: torch.Tensor, channels: int, name: str, field: str, factor: int) -> None:

@@ -83,6 +83,11 @@ API_CASES = [
      ValueError, r"image size \(7, 7\) must be a multiple of the downsampling factor 2.*pad"),
     ("vae latent of the wrong channels", lambda: AutoencoderKL(TINY_VAE).decode(_x(2, 3, 4, 4)),
      ValueError, r"\(B, 2, H, W\).*got \(2, 3, 4, 4\)"),
+    ("vae input of another dtype", lambda: AutoencoderKL(TINY_VAE).encode(_x(2, 3, 8, 8).double()),
+     ValueError, r"x is torch.float64, the autoencoder's weights torch.float32; pass x.to"),
+    ("vae latent on another device",
+     lambda: AutoencoderKL(TINY_VAE).decode(torch.empty(2, 2, 4, 4, device="meta")),
+     ValueError, r"z is on meta, the autoencoder on cpu; pass z.to\('cpu'\)"),
     # ----- schedules and timesteps
     ("unknown schedule", lambda: NoiseSchedule("cosinus", 100),
      ValueError, r"unknown schedule 'cosinus'; choose one of linear"),
