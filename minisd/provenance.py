@@ -8,6 +8,8 @@ import re
 import shlex
 from pathlib import Path
 
+from minisd.checkpoint import atomic_write
+
 
 def command_line(args: argparse.Namespace) -> str:
     """The command as typed, for sidecars and results files: `python -m minisd ...`."""
@@ -24,8 +26,8 @@ def run_commands(args: argparse.Namespace) -> list[str]:
         return [command]
     log = Path(args.run_dir) / "commands.txt"
     earlier = log.read_text().splitlines() if args.resume and log.is_file() else []
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("\n".join([*earlier, command]) + "\n")
+    text = "\n".join([*earlier, command]) + "\n"
+    atomic_write(log, lambda tmp: Path(tmp).write_text(text))  # a resumed run's list stays whole
     return [*earlier, command]
 
 

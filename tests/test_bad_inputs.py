@@ -164,6 +164,25 @@ def test_public_api_bad_input(what, call, error, pattern):
     assert type(info.value) is error or issubclass(type(info.value), error)
 
 
+def test_training_data_with_a_nan_stops_at_the_first_step():
+    x = _x(8, 1, 8, 8, fill=math.nan)
+    want = r"the loss is nan at step 0: training stopped before this step's update \(no checkpoint"
+    want += r" was written \(pass a run_dir.*lower learning rate.*check the data"
+    with pytest.raises(FloatingPointError, match=want):
+        fit(_unet(), lambda m, b, g: (m(b[0], 3) - b[0]).pow(2).mean(), (x,), TrainConfig(2, 8),
+            progress=False)  # fmt: skip
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes(monkeypatch):
+    from minisd import train
+
+    monkeypatch.setattr(train.World, "current", classmethod(lambda cls: cls(0, 3)))
+    want = r"batch_size 8 \(the global batch\) does not split over 3 processes; use a multiple of 3"
+    with pytest.raises(ValueError, match=want):
+        fit(_unet(), lambda m, b, g: b[0].mean(), (_x(16, 1, 8, 8),), TrainConfig(1, 8),
+            progress=False)  # fmt: skip
+
+
 def test_over_long_prompt_is_truncated_with_a_warning():
     encoder = _text_encoder(max_length=6)
     with pytest.warns(UserWarning, match=r"1 prompt\(s\) longer than the encoder's 6 tokens "
