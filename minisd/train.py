@@ -14,7 +14,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
 import signal
 import threading
 import time
@@ -23,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from minisd.checkpoint import load_tensors, save_tensors
 from minisd.course import LossFn, get_device
 from minisd.course import progress as progress_bar
+from minisd.distributed import World, agree, barrier, replicate
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 # Mixing constants so (seed, step) pairs never share a random stream.
@@ -223,63 +222,6 @@ def _stop_requests():
             signal.signal(s, h)
 
 
-@dataclass(frozen=True)
-class World:
-    """This process's place in a distributed run: rank of size (0 of 1 when alone)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    def place(self, device: torch.device) -> torch.device:
-        """The device this process trains on: under DDP, GPU number local_rank."""
-        if self.size > 1 and device.type == "cuda":
-            return torch.device("cuda", self.local_rank)
-        return device
-
-    @classmethod
-    def current(cls) -> World:
-        if not (dist.is_available() and dist.is_initialized()):
-            return cls()
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        return cls(dist.get_rank(), dist.get_world_size(), local)
-
-
-def init_distributed(device: str | None = None) -> World:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR in the
-    environment): NCCL on GPUs, gloo on CPUs. A no-op outside torchrun; returns this process's
-    World. `python -m minisd train` calls it, so the command runs unchanged under torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return World.current()
-
-
-class _Replicated(nn.parallel.DistributedDataParallel):
-    """DDP that answers attribute look-ups (config, conditioner) as the model it wraps, so a
-    loss_fn written for the bare model runs unchanged on the replicated one."""
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(self.module, name)
-
-
-def _agree(world: World, loss: torch.Tensor, *flags: bool) -> tuple:
-    """Under DDP, in one all-reduce: the global batch's loss (the ranks' mean), and each flag
-    (a signal came, out of time) set if any rank set it, so all ranks log the same loss and
-    stop, or fail, at the same step."""
-    values = torch.tensor([float(f) for f in flags], device=loss.device)
-    both = torch.cat([loss.detach().float().reshape(1), values])
-    dist.all_reduce(both)
-    return (both[0].item() / world.size, *(bool(v > 0) for v in both[1:].tolist()))
-
-
 def _out_of_time(config: TrainConfig, t0: float) -> bool:
     return config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds
 
@@ -289,8 +231,7 @@ def _interrupted(
 ) -> TrainingInterrupted:
     """What a stop request ends in, once the step's checkpoint is written (and, under DDP,
     every rank knows it is: none exits while rank 0 is still saving)."""
-    if world.size > 1:
-        dist.barrier()
+    barrier(world)
     signum = signum or signal.SIGTERM  # under DDP another rank may have had the signal
     name = signal.Signals(signum).name
     if ckpt is not None:
@@ -302,10 +243,12 @@ def _interrupted(
 
 
 def _not_finite(loss: float, step: int, ckpt: Path | None) -> FloatingPointError:
-    kept = (
-        f"{ckpt} keeps the last good state" if ckpt is not None and ckpt.is_file()
-        else "no checkpoint was written (pass a run_dir to keep one)"
-    )  # fmt: skip
+    if ckpt is None:
+        kept = "no checkpoint was written (pass a run_dir to keep one)"
+    elif ckpt.is_file():
+        kept = f"{ckpt} keeps the last good state"
+    else:
+        kept = f"no checkpoint yet in {ckpt.parent}"
     return FloatingPointError(
         f"the loss is {loss} at step {step}: training stopped before this step's update ({kept}). "
         "Try a lower learning rate (--lr), a longer warm-up (--warmup), or float32 instead of "
@@ -357,7 +300,7 @@ def fit(
         window = []  # losses since the last logged record
     net = model
     if world.size > 1:  # after loading: DDP starts every rank from rank 0's weights
-        net = _Replicated(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = replicate(model, device)
     start, t0 = result.step, time.perf_counter() - result.seconds
     bar = progress_bar(range(start, config.steps), progress and lead, desc="train", initial=start,
                        total=config.steps)  # fmt: skip
@@ -374,7 +317,7 @@ def fit(
             ):
                 loss = loss_fn(net, batch, step_generator(config.seed, step, device, world.rank))
             if world.size > 1:  # the ranks agree now on the loss and on whether to stop
-                loss_value, signalled, out_of_time = _agree(
+                loss_value, signalled, out_of_time = agree(
                     world, loss, stop["signum"] is not None, _out_of_time(config, t0)
                 )
             else:

@@ -18,8 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from minisd.checkpoint import save_tensors  # noqa: E402
+from minisd.distributed import init_distributed  # noqa: E402
 from minisd.schedule import NoiseSchedule  # noqa: E402
-from minisd.train import TrainConfig, TrainingInterrupted, fit, init_distributed  # noqa: E402
+from minisd.train import TrainConfig, TrainingInterrupted, fit  # noqa: E402
 from minisd.unet import TINY, UNetModel  # noqa: E402
 
 SCHED = NoiseSchedule("linear", 100)

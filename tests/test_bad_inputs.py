@@ -174,9 +174,9 @@ def test_training_data_with_a_nan_stops_at_the_first_step():
 
 
 def test_a_global_batch_that_does_not_split_over_the_processes(monkeypatch):
-    from minisd import train
+    from minisd.distributed import World
 
-    monkeypatch.setattr(train.World, "current", classmethod(lambda cls: cls(0, 3)))
+    monkeypatch.setattr(World, "current", classmethod(lambda cls: cls(0, 3)))
     want = r"batch_size 8 \(the global batch\) does not split over 3 processes; use a multiple of 3"
     with pytest.raises(ValueError, match=want):
         fit(_unet(), lambda m, b, g: b[0].mean(), (_x(16, 1, 8, 8),), TrainConfig(1, 8),

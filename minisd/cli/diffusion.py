@@ -23,6 +23,7 @@ from minisd.conditioning import ConditionedUNet
 from minisd.course import get_device, hardware
 from minisd.data import LOADERS, load_dataset
 from minisd.diffusion import PREDICTIONS, diffusion_loss_fn
+from minisd.distributed import World, init_distributed
 from minisd.latent import cached_latents, encode_images
 from minisd.pretrained import load_autoencoder, load_diffusion, save_diffusion, write_sidecar
 from minisd.provenance import command_line, run_commands
@@ -30,7 +31,7 @@ from minisd.sampling import SAMPLERS, VARIANCES
 from minisd.schedule import SCHEDULE_KINDS, NoiseSchedule
 from minisd.summary import count_parameters
 from minisd.text import TEXT_MAX_LENGTH
-from minisd.train import TrainConfig, World, fit, init_distributed
+from minisd.train import TrainConfig, fit
 
 PRESETS = ("TINY", "MNIST", "CIFAR")
 
