@@ -28,7 +28,10 @@ PROFILES = ("quick", "full")
 def get_device(prefer: str | None = None) -> torch.device:
     """The best available device: cuda > mps > cpu, or `prefer` if given (e.g. "cpu")."""
     if prefer is not None:
-        device = torch.device(prefer)
+        try:
+            device = torch.device(prefer)
+        except RuntimeError as err:
+            raise ValueError(f"unknown device {prefer!r}; use cpu, cuda, cuda:N or mps") from err
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("asked for cuda but torch.cuda.is_available() is False; use 'cpu'")
         if device.type == "mps" and not _mps_available():

@@ -379,6 +379,9 @@ CLI_CASES = [
     ("a text prompt for an unconditional model", lambda p: ["sample", "--checkpoint", p["ckpt"],
                                                             "--prompt", "seven"],
      1, r"--prompt: .*m.safetensors is not text-conditioned; leave it out"),
+    ("an unknown device", lambda p: ["sample", "--checkpoint", p["ckpt"], "--device", "tpu",
+                                     "--out", p["dir"] / "s.png"],
+     1, r"^minisd sample: error: unknown device 'tpu'; use cpu, cuda, cuda:N or mps"),
     ("a damaged checkpoint", lambda p: ["sample", "--checkpoint", p["damaged"],
                                         "--out", p["dir"] / "s.png"],
      1, r"bad.safetensors is not a readable safetensors file"),
@@ -412,6 +415,13 @@ def test_command_line_bad_input(what, argv, status, pattern, cli_paths, capsys, 
     if status == 1:
         assert err.count("\n") == 1 and err.rstrip().endswith("(--debug shows the traceback)")
     assert sorted(p.name for p in cli_paths["dir"].iterdir()) == before  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it(cli_paths, capsys):
+    code, err = run_cli(capsys, "sample", "--checkpoint", cli_paths["ckpt"], "--device", "cuda",
+                        "--out", cli_paths["dir"] / "s.png")  # fmt: skip
+    assert code == 1 and "asked for cuda but torch.cuda.is_available() is False; use 'cpu'" in err
 
 
 def test_debug_shows_the_traceback(cli_paths, capsys):
