@@ -56,6 +56,8 @@ def generate(
     (one condition or n) as in `DiffusionModel.sample`. `python -m minisd sample` calls this.
     progress shows a bar over the batches, progress_steps one over each batch's sampler steps.
     """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n is the number of images to draw, at least 1; got {n!r}")
     config = config or model.sampler
     config.timesteps(model.schedule.num_timesteps)  # a bad setting fails before any work
     conds = model.condition_batch(cond, n)  # validated once, sliced per batch below

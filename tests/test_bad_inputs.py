@@ -109,7 +109,8 @@ API_CASES = [
     ("unknown sampler", lambda: SamplerConfig("euler"),
      ValueError, r"unknown sampler 'euler'; choose one of ddim, ddpm, dpm\+\+2m"),
     ("more DDIM steps than timesteps", lambda: ddim_timesteps(20, 50),
-     ValueError, r"20.*50"),
+     ValueError, r"num_steps must be an int in \[1, 20\] \(the schedule's training steps\), "
+                 r"got 50; pick fewer sampling steps"),
     ("NaN eta", lambda: SamplerConfig("ddim", 10, eta=math.nan),
      ValueError, r"eta must be >= 0.*got nan"),
     ("DDPM on fewer steps than T", lambda: SamplerConfig("ddpm", 10).timesteps(1000),
@@ -181,6 +182,13 @@ def test_a_global_batch_that_does_not_split_over_the_processes(monkeypatch):
     with pytest.raises(ValueError, match=want):
         fit(_unet(), lambda m, b, g: b[0].mean(), (_x(16, 1, 8, 8),), TrainConfig(1, 8),
             progress=False)  # fmt: skip
+
+
+def test_resuming_a_run_that_has_no_checkpoint(tmp_path):
+    want = r"cannot resume: no checkpoint.safetensors in run_dir '.*empty'"
+    with pytest.raises(FileNotFoundError, match=want):
+        fit(_unet(), lambda m, b, g: b[0].mean(), (_x(16, 1, 8, 8),), TrainConfig(1, 8),
+            run_dir=str(tmp_path / "empty"), resume=True, progress=False)  # fmt: skip
 
 
 def test_over_long_prompt_is_truncated_with_a_warning():
@@ -379,6 +387,12 @@ CLI_CASES = [
     ("a text prompt for an unconditional model", lambda p: ["sample", "--checkpoint", p["ckpt"],
                                                             "--prompt", "seven"],
      1, r"--prompt: .*m.safetensors is not text-conditioned; leave it out"),
+    ("no images asked for", lambda p: ["sample", "--checkpoint", p["ckpt"], "--n", "0",
+                                       "--out", p["dir"] / "s.png"],
+     1, r"n is the number of images to draw, at least 1; got 0"),
+    ("more DDIM steps than the model has", lambda p: ["sample", "--checkpoint", p["ckpt"],
+                                                      "--steps", "50", "--out", p["dir"] / "s.png"],
+     1, r"error: num_steps must be an int in \[1, 20\] .*got 50; pick fewer sampling steps"),
     ("an unknown device", lambda p: ["sample", "--checkpoint", p["ckpt"], "--device", "tpu",
                                      "--out", p["dir"] / "s.png"],
      1, r"^minisd sample: error: unknown device 'tpu'; use cpu, cuda, cuda:N or mps"),
