@@ -426,8 +426,11 @@ def test_command_line_bad_input(what, argv, status, pattern, cli_paths, capsys, 
     assert code == status
     assert re.search(pattern, err, re.MULTILINE), err
     assert "Traceback" not in err
+    assert err.count("\n") == 1  # one line, whatever went wrong
     if status == 1:
-        assert err.count("\n") == 1 and err.rstrip().endswith("(--debug shows the traceback)")
+        assert err.rstrip().endswith("(--debug shows the traceback)")
+    else:
+        assert err.startswith(f"python -m minisd {argv(cli_paths)[0]}: error: argument ")
     assert sorted(p.name for p in cli_paths["dir"].iterdir()) == before  # nothing written
 
 

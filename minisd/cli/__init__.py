@@ -17,10 +17,17 @@ import sys
 __all__ = ["build_parser", "entry", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error in one line (its subcommands' parsers too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help shows the usage)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from minisd.cli import autoencoder, conditioning, diffusion, guidance, sd
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m minisd", description="minisd: Stable Diffusion built up from MNIST."
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
