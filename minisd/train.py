@@ -252,7 +252,8 @@ def _not_finite(loss: float, step: int, ckpt: Path | None) -> FloatingPointError
     return FloatingPointError(
         f"the loss is {loss} at step {step}: training stopped before this step's update ({kept}). "
         "Try a lower learning rate (--lr), a longer warm-up (--warmup), or float32 instead of "
-        "mixed precision (--fp32, TrainConfig(mixed_precision=False)); check the data for NaN/inf"
+        "mixed precision (TrainConfig(mixed_precision=False), `train --fp32`); check the data for "
+        "NaN/inf"
     )
 
 
