@@ -245,4 +245,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from minisd.cli import entry
+
+    sys.exit(entry(main=main, name="python -m minisd.classifier"))

@@ -441,6 +441,18 @@ def test_asking_for_cuda_without_it(cli_paths, capsys):
     assert code == 1 and "asked for cuda but torch.cuda.is_available() is False; use 'cpu'" in err
 
 
+def test_python_m_minisd_data_fails_in_one_line_too(tmp_path, capsys, monkeypatch):
+    def offline(*args):
+        raise OSError("no network")
+
+    monkeypatch.setattr(data, "_download", offline)
+    code = entry(["mnist", "--root", str(tmp_path)], main=data.main, name="python -m minisd.data")
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("python -m minisd.data: error: mnist not found: looked in ")
+    assert "downloading failed (OSError: no network)" in err
+
+
 def test_debug_shows_the_traceback(cli_paths, capsys):
     with pytest.raises(FileNotFoundError, match="no diffusion checkpoint"):
         entry(["sample", "--checkpoint", str(cli_paths["dir"] / "no.safetensors"), "--debug"])

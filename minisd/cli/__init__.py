@@ -48,17 +48,19 @@ def main(argv: list[str] | None = None) -> None:
     args.func(args)
 
 
-def entry(argv: list[str] | None = None) -> int:
+def entry(argv: list[str] | None = None, main=main, name: str | None = None) -> int:
     """`python -m minisd`: `main`, failing like a Unix tool. A bad argument, file or run (the
     library's ValueError, OSError, FloatingPointError; out of memory) is one line on stderr and
     exit status 1; an interrupted run, 130 (Ctrl-C) or 143 (SIGTERM). `--debug`, anywhere on the
-    line, raises instead, with the traceback. Anything else is a bug and keeps its traceback."""
+    line, raises instead, with the traceback. Anything else is a bug and keeps its traceback.
+    main and name: another module's command line (`python -m minisd.data`), run the same way."""
     import torch
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    name = f"minisd {argv[0]}" if argv and not argv[0].startswith("-") else "minisd"
+    if name is None:
+        name = f"minisd {argv[0]}" if argv and not argv[0].startswith("-") else "minisd"
     try:
         main(argv)
     except KeyboardInterrupt as err:  # fit's TrainingInterrupted says where it stopped
