@@ -5,7 +5,10 @@ The batch order and each step's random draws (timesteps, noise, label dropout, a
 masks from torch's global RNG, seeded per step) are pure functions of (seed, step), and the
 checkpoint keeps the losses not yet logged, so a run that is stopped and resumed from its
 checkpoint continues exactly as if it had never stopped: weights and loss history alike.
-The objective it trains a diffusion model on is `minisd.diffusion.diffusion_loss_fn`.
+Ctrl-C or SIGTERM stops it after the current step with such a checkpoint; a non-finite loss
+stops it before the update. Under torchrun it trains with DistributedDataParallel
+(`minisd.distributed`). The objective it trains a diffusion model on is
+`minisd.diffusion.diffusion_loss_fn`.
 """
 
 from __future__ import annotations
