@@ -91,24 +91,27 @@ def read_submission(path: Path) -> nbformat.NotebookNode:
 def identify_lesson(nb: nbformat.NotebookNode) -> str:
     """Which of the course's notebooks this is, from the exercise checkers its code calls."""
     checkers = _exercise_of_checker()
-    called = Counter()
-    for cell in nb.cells:
-        if cell.get("cell_type") == "code":
-            for name in set(_CHECKER_CALL.findall(str(cell.get("source", "")))):
-                if name in checkers:
-                    called[checkers[name].split(".")[0]] += 1
-    lessons = ", ".join(f"{k} ({len(v)} exercises)" for k, v in lesson_exercises().items())
+    found = {  # the exercises whose checkers the code calls, each once
+        checkers[name]
+        for cell in nb.cells
+        if cell.get("cell_type") == "code"
+        for name in _CHECKER_CALL.findall(str(cell.get("source", "")))
+        if name in checkers
+    }
+    called = Counter(exercise_id.split(".")[0] for exercise_id in found)
     if not called:
+        first, *_, last = lesson_exercises()
         raise NotGradable(
-            "not one of the course's notebooks: its code calls none of minisd.exercises' "
-            f"checkers (check_...); expected a copy of a lesson with its exercises: {lessons}"
+            "not one of the course's notebooks: its code calls none of the exercise checkers "
+            f"(check_...); expected a student's copy of lesson {first} to {last} with its "
+            "exercise cells"
         )
     ranked = called.most_common()
     if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
-        tied = " and ".join(k for k, n in ranked if n == ranked[0][1])
+        tied = " and ".join(sorted(k for k, n in ranked if n == ranked[0][1]))
         raise NotGradable(
-            f"it calls as many checkers of lesson {tied}: which notebook it is is unclear; "
-            "grade each lesson's notebook as a file of its own"
+            f"it calls as many checkers of lesson {tied}, so which notebook it is is unclear; "
+            "expected one lesson's notebook per file"
         )
     return ranked[0][0]
 
@@ -208,6 +211,8 @@ async def _execute(
         return client.nb, "error", f"{where()}: {first[:200]}"
     except DeadKernelError:
         return client.nb, "error", f"{where()}: the kernel died (out of memory, or it exited)"
+    except Exception as err:  # the kernel never ran it: the grader's side, not the student's
+        raise NotGradable(f"could not run it: {type(err).__name__}: {err}") from err
     return client.nb, "", ""
 
 
@@ -241,6 +246,9 @@ async def grade_submission(
         executed, failure, grade.note = await _execute(
             nb, folder, cell_timeout, notebook_timeout, env
         )
+    except NotGradable as err:
+        grade.note = str(err)
+        return grade
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     fresh = recorded_verdicts(executed, lesson)

@@ -2,6 +2,7 @@
 solved, wrong, forged, raising, looping, not a notebook, another notebook, and a folder of them."""
 
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -85,8 +86,16 @@ def test_a_submission_is_recognised_by_the_checkers_it_calls_not_its_name(tmp_pa
     renamed = tmp_path / "06_stable_diffusion.ipynb"
     nbformat.write(nb, renamed)
     assert grading.identify_lesson(grading.read_submission(renamed)) == "01"
-    with pytest.raises(grading.NotGradable, match="calls none of minisd.exercises' checkers"):
+    with pytest.raises(grading.NotGradable, match="calls none of the exercise checkers"):
         grading.identify_lesson(nbformat.v4.new_notebook())
+    nb.cells.append(nbformat.v4.new_code_cell("check_guidance(my_guidance)"))
+    assert grading.identify_lesson(nb) == "01"  # a call to another lesson's checker: still 01
+    mixed = nbformat.v4.new_notebook()
+    mixed.cells = [
+        nbformat.v4.new_code_cell(f"{c}(f)") for c in ("check_q_sample", "check_guidance")
+    ]
+    with pytest.raises(grading.NotGradable, match="lesson 01 and 05.*unclear"):
+        grading.identify_lesson(mixed)
 
 
 def test_unreadable_and_foreign_files_are_refused_with_what_to_do(tmp_path):
@@ -215,4 +224,18 @@ def test_the_kernel_runs_on_the_cpu_in_the_quick_profile(monkeypatch):
     monkeypatch.setenv("MINISD_PROFILE", "full")
     env = grading.kernel_environment()
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["MINISD_PROFILE"] == "quick"
-    assert env["PYTHONPATH"].split(":")[0] == str(Path(grading.__file__).parent.parent)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(grading.__file__).parent.parent)
+
+
+def test_a_kernel_that_cannot_start_leaves_the_submission_not_graded(tmp_path, monkeypatch):
+    from jupyter_client.manager import AsyncKernelManager
+
+    class Broken(AsyncKernelManager):
+        async def start_kernel(self, **kwargs):
+            raise RuntimeError("no ipykernel here")
+
+    monkeypatch.setattr(grading, "_kernel_manager_class", lambda: Broken)
+    nbformat.write(lesson(), tmp_path / "ada.ipynb")
+    grade = grade_one(tmp_path / "ada.ipynb")
+    assert not grade.graded and grade.grades == {}
+    assert grade.note == "could not run it: RuntimeError: no ipykernel here"
