@@ -28,7 +28,7 @@ from minisd import exercises
 # What a grade table cell can say; the first three are the checkers' own verdicts.
 # forged: the submitted notebook's saved record says correct, its re-execution does not.
 GRADES = ("correct", "wrong", "not yet", "forged", "error", "timeout")
-CELL_TIMEOUT = 600  # seconds, as `make test` gives nbval; the course's longest cell is ~2 min
+CELL_TIMEOUT = 600  # seconds, what `make test` gives nbval for one cell
 NOTEBOOK_TIMEOUT = 1800  # the longest lesson takes ~5 minutes on a 2-core laptop CPU
 _CHECKER_CALL = re.compile(r"\b(check_\w+)\s*\(")
 
