@@ -206,6 +206,10 @@ def test_a_class_whose_files_are_all_unreadable_exits_non_zero_without_running(t
 def test_an_empty_folder_is_an_error_that_says_what_to_give(tmp_path):
     with pytest.raises(SystemExit, match="no .ipynb files in"):
         main(["grade", str(tmp_path), "--out", str(tmp_path / "grades.csv")])
+    with pytest.raises(ValueError, match="--jobs must be positive, got 0"):
+        main(["grade", str(tmp_path), "--jobs", "0", "--out", str(tmp_path / "grades.csv")])
+    with pytest.raises(ValueError, match="expected a file ending in one of .csv"):
+        main(["grade", str(tmp_path), "--out", str(tmp_path / "grades.xlsx")])
 
 
 def test_every_lesson_has_exercises_the_grader_can_tell_apart():

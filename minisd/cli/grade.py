@@ -20,6 +20,11 @@ from minisd.cli.options import check_output
 def cmd_grade(args: argparse.Namespace) -> None:
     """Grade every submission; exit 1 when one could not be graded at all."""
     out = check_output(args.out, "--out", ("csv",))
+    for flag, value in (("--cell-timeout", args.cell_timeout), ("--jobs", args.jobs)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value:g}")
+    if args.notebook_timeout <= 0:
+        raise ValueError(f"--notebook-timeout must be positive, got {args.notebook_timeout:g}")
     markdown = out.with_suffix(".md")
     submissions = grading.collect([Path(p) for p in args.submissions])
     if not submissions:
