@@ -20,10 +20,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import nbformat
+from typing import TYPE_CHECKING
 
 from minisd import exercises
+
+if TYPE_CHECKING:  # Jupyter's packages are imported when grading starts: the CLI works without
+    import nbformat
 
 # What a grade table cell can say; the first three are the checkers' own verdicts.
 # forged: the submitted notebook's saved record says correct, its re-execution does not.
@@ -31,6 +33,20 @@ GRADES = ("correct", "wrong", "not yet", "forged", "error", "timeout")
 CELL_TIMEOUT = 600  # seconds, what `make test` gives nbval for one cell
 NOTEBOOK_TIMEOUT = 1800  # the longest lesson takes ~5 minutes on a 2-core laptop CPU
 _CHECKER_CALL = re.compile(r"\b(check_\w+)\s*\(")
+
+
+def _jupyter():
+    """nbformat, after checking that what grading runs on is installed (minisd's dev extras)."""
+    try:
+        import ipykernel  # noqa: F401
+        import nbclient  # noqa: F401
+        import nbformat
+    except ImportError as err:
+        raise ImportError(
+            f"grading needs Jupyter's {err.name}: install minisd with its dev extras "
+            "(pip install -e '.[dev]', what make test does) or pip install nbclient ipykernel"
+        ) from err
+    return nbformat
 
 
 def lesson_exercises() -> dict[str, list[str]]:
@@ -70,6 +86,7 @@ class NotGradable(ValueError):
 
 def read_submission(path: Path) -> nbformat.NotebookNode:
     """The submission as a notebook, or NotGradable saying what was expected and what to do."""
+    nbformat = _jupyter()
     ask = "ask the student for the .ipynb file Jupyter saved (File > Save, then upload it)"
     try:
         text = path.read_text(encoding="utf-8")
@@ -238,7 +255,7 @@ async def grade_submission(
     try:  # the student's code runs here, never in the submission's own folder
         copy = folder / "submission.ipynb"
         shutil.copyfile(path, copy)
-        nb = nbformat.read(copy, as_version=4)
+        nb = _jupyter().read(copy, as_version=4)
         for cell in nb.cells:  # a cell never reached must not keep its saved verdict
             if cell.cell_type == "code":
                 cell.outputs, cell.execution_count = [], None

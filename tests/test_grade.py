@@ -243,3 +243,12 @@ def test_a_kernel_that_cannot_start_leaves_the_submission_not_graded(tmp_path, m
     grade = grade_one(tmp_path / "ada.ipynb")
     assert not grade.graded and grade.grades == {}
     assert grade.note == "could not run it: RuntimeError: no ipykernel here"
+
+
+def test_without_jupyter_grading_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nbclient", None)  # as if it were not installed
+    nbformat.write(lesson(), tmp_path / "ada.ipynb")
+    with pytest.raises(ImportError, match="grading needs Jupyter's nbclient.*dev extras"):
+        grade_one(tmp_path / "ada.ipynb")
