@@ -1,23 +1,68 @@
 """Checkers for the notebooks' exercises: each runs the student's answer against the library.
 
-A checker prints one line and returns True (correct) or False (wrong or not attempted), so an
+A checker shows one line and returns True (correct) or False (wrong or not attempted), so an
 executed notebook records the verdict and `pytest --nbval` re-checks it on the grader's machine.
+In a notebook the line also carries a machine-readable record (`VERDICT_MIME`: the exercise's id,
+its notebook and the verdict), which `python -m minisd grade` reads (minisd.grading).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from minisd.schedule import NoiseSchedule
 
-NOT_ATTEMPTED = "not attempted yet: replace `raise NotImplementedError` with your answer"
+UNANSWERED = "not attempted yet"  # every "not attempted" message starts so: the verdict "not yet"
+NOT_ATTEMPTED = f"{UNANSWERED}: replace `raise NotImplementedError` with your answer"
+# The record's MIME type: front-ends show the text/plain line beside it, nbval compares both.
+VERDICT_MIME = "application/vnd.minisd.verdict+json"
+VERDICTS = ("correct", "wrong", "not yet")
 
 
-def _report(name: str, ok: bool, detail: str = "") -> bool:
-    print(f"{name}: {'correct' if ok else 'not yet'}" + (f" ({detail})" if detail else ""))
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: its stable id ("01.2": notebook 01, exercise 2) and the title it prints."""
+
+    id: str
+    title: str
+
+    @property
+    def notebook(self) -> str:
+        return self.id.split(".")[0]
+
+    def __str__(self) -> str:
+        return f"Exercise {self.id.split('.')[1]} ({self.title})"
+
+
+def verdict_record(exercise: Exercise, ok: bool, detail: str = "") -> dict[str, str]:
+    """The machine-readable verdict: correct, wrong (attempted) or not yet (not attempted)."""
+    verdict = "correct" if ok else "not yet" if detail.startswith(UNANSWERED) else "wrong"
+    return {"exercise": exercise.id, "notebook": exercise.notebook, "verdict": verdict}
+
+
+def _report(name: Exercise, ok: bool, detail: str = "") -> bool:
+    """The checkers' one way out: the verdict line, and in IPython its record beside it."""
+    line = f"{name}: {'correct' if ok else 'not yet'}" + (f" ({detail})" if detail else "")
+    shell = _ipython()
+    if shell is None:
+        print(line)
+    else:
+        from IPython.display import display
+
+        display({"text/plain": line, VERDICT_MIME: verdict_record(name, ok, detail)}, raw=True)
     return ok
+
+
+def _ipython():
+    """The running IPython shell (a notebook's kernel), or None in plain Python."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
 
 
 def _attempt(name: str, fn: Callable, *args):
@@ -33,7 +78,7 @@ def _attempt(name: str, fn: Callable, *args):
 def _number(name: str, answer, variable: str) -> tuple[float | None, str | None]:
     """A predicted number as a float, or (None, why not) for a missing or non-numeric answer."""
     if answer is None:
-        return None, f"not attempted yet: set {variable} to your answer"
+        return None, f"{UNANSWERED}: set {variable} to your answer"
     try:
         return float(answer), None
     except (TypeError, ValueError):
@@ -43,7 +88,7 @@ def _number(name: str, answer, variable: str) -> tuple[float | None, str | None]
 def _integer(answer, variable: str, what: str = "an int") -> str | None:
     """Why an int answer cannot be checked (missing, or not an int), or None if it can."""
     if answer is None:
-        return f"not attempted yet: set {variable} to your answer"
+        return f"{UNANSWERED}: set {variable} to your answer"
     if not isinstance(answer, int) or isinstance(answer, bool):
         return f"answer with {what}, got {type(answer).__name__}"
     return None
@@ -52,7 +97,7 @@ def _integer(answer, variable: str, what: str = "an int") -> str | None:
 # ----- notebook 01: forward noising ------------------------------------------------------------
 def check_alphas_cumprod(fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     """Exercise 01.1: fn(betas) -> alpha-bar, the running product of (1 - beta)."""
-    name = "Exercise 1 (alpha-bar from betas)"
+    name = Exercise("01.1", "alpha-bar from betas")
     for kind in ("linear", "cosine"):
         sched = NoiseSchedule(kind, 1000)
         got, err = _attempt(name, fn, sched.betas.clone())
@@ -77,7 +122,7 @@ def check_alphas_cumprod(fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
 
 def check_q_sample(fn: Callable[..., torch.Tensor]) -> bool:
     """Exercise 01.2: fn(x0, noise, t, alphas_cumprod) -> x_t, the closed form of q(x_t | x_0)."""
-    name = "Exercise 2 (q_sample)"
+    name = Exercise("01.2", "q_sample")
     sched = NoiseSchedule("linear", 1000)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(5, 1, 8, 8, generator=g) * 2 - 1
@@ -103,13 +148,15 @@ def check_q_sample(fn: Callable[..., torch.Tensor]) -> bool:
 
 def check_snr_crossing(answer: int) -> bool:
     """Exercise 01.3: the first t at which the linear (DDPM) schedule's SNR drops below 1."""
-    name = "Exercise 3 (where signal and noise are equal)"
+    name = Exercise("01.3", "where signal and noise are equal")
     sched = NoiseSchedule("linear", 1000)
     snr = sched.snr(torch.arange(1000))
     want = int((snr < 1).nonzero()[0])
     err = _integer(answer, "snr_crossing", "an int timestep")
     if err:
         return _report(name, False, err)
+    if not 0 <= answer < len(snr):
+        return _report(name, False, f"t runs from 0 to {len(snr) - 1}, got {answer}")
     if answer == want:
         return _report(name, True, f"SNR({answer}) = {snr[answer].item():.3f}")
     direction = "later" if answer < want else "earlier"
@@ -123,7 +170,7 @@ def check_timestep_embedding(fn: Callable[[torch.Tensor, int], torch.Tensor]) ->
     """Exercise 02.1: fn(t, dim) -> (B, dim) sinusoidal features, cos half first (as ldm)."""
     from minisd.unet import timestep_embedding
 
-    name = "Exercise 1 (timestep embedding)"
+    name = Exercise("02.1", "timestep embedding")
     t = torch.tensor([0, 1, 10, 500, 999])
     want = timestep_embedding(t, 32)
     got, err = _attempt(name, fn, t, 32)
@@ -143,7 +190,7 @@ def check_timestep_embedding(fn: Callable[[torch.Tensor, int], torch.Tensor]) ->
 
 def check_ddpm_loss(fn: Callable[..., torch.Tensor]) -> bool:
     """Exercise 02.2: fn(model, x0, t, noise, alphas_cumprod) -> the scalar DDPM loss."""
-    name = "Exercise 2 (the training loss)"
+    name = Exercise("02.2", "the training loss")
     sched = NoiseSchedule("linear", 1000)
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
@@ -172,7 +219,7 @@ def check_ddim_step(fn: Callable[..., torch.Tensor]) -> bool:
     """Exercise 02.3: fn(x_t, eps, ab_t, ab_prev) -> x_prev, one deterministic DDIM step."""
     from minisd.sampling import ddim_step
 
-    name = "Exercise 3 (a DDIM step)"
+    name = Exercise("02.3", "a DDIM step")
     sched = NoiseSchedule("linear", 1000)
     g = torch.Generator().manual_seed(2)
     x_t, eps = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
@@ -193,7 +240,7 @@ def check_ddim_step(fn: Callable[..., torch.Tensor]) -> bool:
 
 def check_untrained_loss(answer: float | None) -> bool:
     """Exercise 02.4 (predict, then check): the DDPM loss of a network that always outputs 0."""
-    name = "Exercise 4 (the loss before training)"
+    name = Exercise("02.4", "the loss before training")
     answer, err = _number(name, answer, "untrained_loss")
     if err:
         return _report(name, False, err)
@@ -218,7 +265,7 @@ def check_untrained_loss(answer: float | None) -> bool:
 
 def check_snr_multiplier(answer: float | None) -> bool:
     """Exercise 03.4 (reason, then check): how unscaled latents of std 5.5 change SNR(t)."""
-    name = "Exercise 4 (SNR of unscaled latents)"
+    name = Exercise("03.4", "SNR of unscaled latents")
     answer, err = _number(name, answer, "snr_multiplier")
     if err:
         return _report(name, False, err)
@@ -239,7 +286,7 @@ def check_snr_multiplier(answer: float | None) -> bool:
 # ----- notebook 03: the autoencoder and latent space -------------------------------------------
 def check_reparameterize(fn: Callable[..., torch.Tensor]) -> bool:
     """Exercise 03.1: fn(mean, logvar, eps) -> z = mean + std * eps, std from the log-variance."""
-    name = "Exercise 1 (the reparameterisation trick)"
+    name = Exercise("03.1", "the reparameterisation trick")
     g = torch.Generator().manual_seed(3)
     mean, logvar, eps = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
     want = mean + torch.exp(0.5 * logvar) * eps
@@ -259,7 +306,7 @@ def check_gaussian_kl(fn: Callable[..., torch.Tensor]) -> bool:
     """Exercise 03.2: fn(mean, logvar) -> KL(N(mean, exp(logvar)) || N(0, I)) per sample, (B,)."""
     from minisd.vae import DiagonalGaussianDistribution
 
-    name = "Exercise 2 (KL to the standard normal)"
+    name = Exercise("03.2", "KL to the standard normal")
     g = torch.Generator().manual_seed(4)
     mean, logvar = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
     want = DiagonalGaussianDistribution(torch.cat([mean, logvar], 1)).kl()
@@ -278,7 +325,7 @@ def check_gaussian_kl(fn: Callable[..., torch.Tensor]) -> bool:
 
 def check_scale_factor(fn: Callable[[torch.Tensor], float]) -> bool:
     """Exercise 03.3: fn(latents) -> the factor that gives the latents unit standard deviation."""
-    name = "Exercise 3 (the latent scale factor)"
+    name = Exercise("03.3", "the latent scale factor")
     latents = torch.randn(64, 4, 4, 4, generator=torch.Generator().manual_seed(5)) * 5.5 + 0.3
     want = 1.0 / latents.flatten().std().item()
     got, err = _attempt(name, fn, latents)
@@ -303,7 +350,7 @@ def check_cross_attention(fn: Callable[..., torch.Tensor]) -> bool:
     """Exercise 04.1: fn(attn, x, context) -> attn(x, context), from to_q/to_k/to_v/to_out."""
     from minisd.attention import CrossAttention
 
-    name = "Exercise 1 (cross-attention by hand)"
+    name = Exercise("04.1", "cross-attention by hand")
     torch.manual_seed(4)
     attn = CrossAttention(16, 12, heads=2, dim_head=8).eval()
     g = torch.Generator().manual_seed(4)
@@ -330,7 +377,7 @@ def check_uniform_attention(answer: float | None) -> bool:
     """Exercise 04.2 (predict, then check): the weight on each kept token when all keys agree."""
     from minisd.attention import CrossAttention, record_attention
 
-    name = "Exercise 2 (attention over identical tokens)"
+    name = Exercise("04.2", "attention over identical tokens")
     answer, err = _number(name, answer, "weight_per_token")
     if err:
         return _report(name, False, err)
@@ -354,7 +401,7 @@ def check_clip_padding(answer: int | None) -> bool:
     """Exercise 04.3: how many of CLIP's 77 positions are padding for one caption."""
     from minisd.text import clip_tokenizer
 
-    name = "Exercise 3 (CLIP's 77 positions)"
+    name = Exercise("04.3", "CLIP's 77 positions")
     prompt = "a handwritten digit seven"
     ids = clip_tokenizer()(prompt)["input_ids"]  # start, the words' pieces, end
     want = 77 - len(ids)
@@ -371,7 +418,7 @@ def check_clip_padding(answer: int | None) -> bool:
 # ----- notebook 05: guidance --------------------------------------------------------------------
 def check_guidance(fn: Callable[..., torch.Tensor]) -> bool:
     """Exercise 05.1: fn(eps_u, eps_c, s) -> the classifier-free guided noise prediction."""
-    name = "Exercise 1 (classifier-free guidance)"
+    name = Exercise("05.1", "classifier-free guidance")
     g = torch.Generator().manual_seed(6)
     eps_u, eps_c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     for s in (3.0, 7.5, 0.0, 1.0):  # the telling scales first: at 0 and 1 some slips agree
@@ -392,7 +439,7 @@ def check_guidance(fn: Callable[..., torch.Tensor]) -> bool:
 
 def check_weight_to_scale(answer: float | None) -> bool:
     """Exercise 05.2 (predict, then check): the SD scale that equals guidance weight w = 2."""
-    name = "Exercise 2 (from a guidance weight to a guidance scale)"
+    name = Exercise("05.2", "from a guidance weight to a guidance scale")
     answer, err = _number(name, answer, "scale")
     if err:
         return _report(name, False, err)
@@ -405,7 +452,7 @@ def check_weight_to_scale(answer: float | None) -> bool:
 
 def check_guided_evaluations(answer: int | None) -> bool:
     """Exercise 05.3: U-Net evaluations per image for DPM-Solver++(2M), 20 steps, scale 3."""
-    name = "Exercise 3 (what guidance costs)"
+    name = Exercise("05.3", "what guidance costs")
     err = _integer(answer, "evaluations")
     if err:
         return _report(name, False, err)
@@ -421,7 +468,7 @@ def check_guided_evaluations(answer: int | None) -> bool:
 # ----- notebook 06: Stable Diffusion and its applications --------------------------------------
 def check_img2img_calls(answer: int | None) -> bool:
     """Exercise 06.1: U-Net evaluations of SD img2img, DDIM-50, strength 0.6, guidance 7.5."""
-    name = "Exercise 1 (what image-to-image costs)"
+    name = Exercise("06.1", "what image-to-image costs")
     err = _integer(answer, "evaluations")
     if err:
         return _report(name, False, err)
@@ -440,7 +487,7 @@ def check_latent_mask(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool:
     """Exercise 06.2: fn(mask, factor) -> the mask at latent resolution (any pixel -> cell)."""
     import torch.nn.functional as F
 
-    name = "Exercise 2 (the mask on the latent grid)"
+    name = Exercise("06.2", "the mask on the latent grid")
     g = torch.Generator().manual_seed(3)
     for factor, side in ((8, 64), (4, 32)):
         mask = (torch.rand(3, 1, side, side, generator=g) < 0.02).float()
@@ -463,9 +510,9 @@ def check_latent_mask(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool:
 
 def check_upscaling_psnr(answer: str | None) -> bool:
     """Exercise 06.3 (reasoning): why the upscaler stays below the autoencoder's PSNR."""
-    name = "Exercise 3 (what an upscaler can know)"
+    name = Exercise("06.3", "what an upscaler can know")
     if answer is None:
-        return _report(name, False, "not attempted yet: set answer to one of 'a', 'b', 'c', 'd'")
+        return _report(name, False, f"{UNANSWERED}: set answer to one of 'a', 'b', 'c', 'd'")
     if not isinstance(answer, str) or answer.strip().lower() not in ("a", "b", "c", "d"):
         return _report(name, False, f"answer with one letter, 'a' to 'd', got {answer!r}")
     why = {

@@ -50,8 +50,10 @@ def test_snr_crossing_checker(capsys):
     assert not exercises.check_snr_crossing(answer - 20)
     assert not exercises.check_snr_crossing(float(answer))
     assert not exercises.check_snr_crossing(None)
+    assert not exercises.check_snr_crossing(1000)  # past the end: a verdict, not an IndexError
     out = capsys.readouterr().out
-    assert "look later" in out and "an int" in out and "not attempted" in out
+    assert "t runs from 0 to 999" in out and "look later" in out
+    assert "an int" in out and "not attempted" in out
 
 
 def test_timestep_embedding_checker(capsys):
@@ -130,6 +132,46 @@ def test_every_revealed_solution_passes_its_checker(exercise, capsys):
     namespace = {"torch": torch, "math": math}
     exec(code, namespace)
     assert getattr(exercises, checker)(namespace[name]) is True
+
+
+@pytest.fixture
+def records(monkeypatch):
+    """Run the checkers as in a notebook's kernel; collect what they display."""
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(exercises, "_ipython", lambda: object())
+    monkeypatch.setattr(IPython.display, "display", lambda data, raw: shown.append(data))
+    return shown
+
+
+@pytest.mark.parametrize("exercise", sorted(exercises.SOLUTIONS))
+def test_in_a_notebook_each_verdict_is_shown_with_its_record(exercise, records):
+    """The record the grader reads: the solution's id, and the three verdicts told apart."""
+    name, checker, code, _ = exercises.SOLUTIONS[exercise]
+    namespace = {"torch": torch, "math": math}
+    exec(code, namespace)
+    is_function = f"def {name}(" in code
+    check = getattr(exercises, checker)
+    assert check(namespace[name]) is True
+    assert check(not_attempted if is_function else None) is False
+    assert check((lambda *a: torch.zeros(1)) if is_function else 12345) is False
+    assert [r[exercises.VERDICT_MIME] for r in records] == [
+        {"exercise": exercise, "notebook": exercise[:2], "verdict": verdict}
+        for verdict in ("correct", "not yet", "wrong")
+    ]
+    lines = [r["text/plain"] for r in records]
+    assert lines[0].startswith(f"Exercise {exercise[3:]} (") and "): correct" in lines[0]
+    assert ": not yet (not attempted" in lines[1] and ": not yet (" in lines[2]
+
+
+def test_outside_a_notebook_a_checker_prints_its_line_only(capsys):
+    assert exercises._ipython() is None  # pytest runs no IPython shell
+    exercises.check_snr_crossing(None)
+    assert capsys.readouterr().out == (
+        "Exercise 3 (where signal and noise are equal): not yet "
+        "(not attempted yet: set snr_crossing to your answer)\n"
+    )
 
 
 def test_every_checker_has_a_solution_and_unknown_ids_are_refused():

@@ -5,6 +5,7 @@
     conditioning: compare-conditioning
     guidance:     generate, guidance-curve, compare-guidance, train-noisy-classifier
     sd:           sd (Stable Diffusion at full size), applications (lesson 06's measurements)
+    grade:        grade (a class's submitted notebooks, re-executed and scored)
 
 Shared options live in `options`; what a command records about itself in `minisd.provenance`.
 """
@@ -25,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minisd.cli import autoencoder, conditioning, diffusion, guidance, sd
+    from minisd.cli import autoencoder, conditioning, diffusion, grade, guidance, sd
 
     parser = _Parser(
         prog="python -m minisd", description="minisd: Stable Diffusion built up from MNIST."
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     guidance.add_commands(sub)
     sd.add_commands(sub)
     sd.add_application_commands(sub)
+    grade.add_commands(sub)
     return parser
 
 
