@@ -417,6 +417,12 @@ class UNetModel(nn.Module):
                 f"{cfg.in_channels}{extra}), got {tuple(x.shape)}"
             )
         self._check_concat(concat, x)
+        weight = self.time_embed[0].weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"x is {x.dtype} but this U-Net's weights are {weight.dtype}; convert one to the "
+                f"other (x.to({weight.dtype}) or unet.to({x.dtype})), or run under torch.autocast"
+            )
         if context_mask is not None and context is None:
             raise ValueError("context_mask without a context: pass both or neither")
         k = cfg.downsample_factor

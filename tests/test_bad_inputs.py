@@ -213,7 +213,6 @@ def test_x_T_on_another_device_than_the_model():
         model.sample(torch.empty(2, 1, 8, 8, device="meta"))
 
 
-@pytest.mark.xfail(strict=True, reason="needs a dtype check in UNetModel._check_inputs (unet.py)")
 def test_unet_input_of_another_dtype_than_its_weights():
     with pytest.raises(ValueError, match=r"float64.*float32"):
         _unet()(_x(2, 1, 8, 8).double(), 5)
