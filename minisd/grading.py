@@ -44,7 +44,8 @@ def _jupyter():
     except ImportError as err:
         raise ImportError(
             f"grading needs Jupyter's {err.name}: install minisd with its dev extras "
-            "(pip install -e '.[dev]', what make test does) or pip install nbclient ipykernel"
+            "(pip install -e '.[dev]', what make test does) or its grade extras "
+            "(pip install -e '.[grade]')"
         ) from err
     return nbformat
 
