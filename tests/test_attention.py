@@ -7,7 +7,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from minisd.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
+from minisd.attention import GEGLU, BasicTransformerBlock, CrossAttention, SpatialTransformer
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
@@ -147,3 +147,24 @@ def test_bad_masks_say_what_was_expected() -> None:
         attn(x, context, torch.ones(2, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="at least one True"):
         attn(x, context, torch.zeros(2, 7, dtype=torch.bool))
+
+
+def test_geglu_equals_diffusers_geglu_forward_and_backward():
+    """GEGLU computes each half from its own weight rows; the map and its gradients are still
+    diffusers' GEGLU (one projection, chunked) at identical weights."""
+    from diffusers.models.activations import GEGLU as RefGEGLU
+
+    torch.manual_seed(0)
+    ours, ref = GEGLU(16, 24), RefGEGLU(16, 24)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = ours(xa), ref(xb)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out_a)
+    out_a.backward(grad)
+    out_b.backward(grad)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.proj.weight.grad, ref.proj.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.proj.bias.grad, ref.proj.bias.grad, rtol=1e-5, atol=1e-6)
+    assert out_a.abs().min() > 0  # a real output, not a zero the two could share by accident
