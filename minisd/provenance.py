@@ -32,12 +32,21 @@ def run_commands(args: argparse.Namespace) -> list[str]:
 
 
 def portable_command(command: str) -> str:
-    """A recorded command with its run folder shown as RUN_DIR (the folder is machine-specific).
+    """A recorded command without machine paths: the run folder shown as RUN_DIR, any other
+    absolute path relative to the repository, or by its file name when outside it.
 
     >>> portable_command("python -m minisd train --steps 9 --run-dir /home/me/runs/a --resume")
     'python -m minisd train --steps 9 --run-dir RUN_DIR --resume'
+    >>> portable_command("python -m minisd train --export /home/me/runs/m.safetensors")
+    'python -m minisd train --export m.safetensors'
     """
-    return re.sub(r"--run-dir(=|\s+)\S+", "--run-dir RUN_DIR", command)
+    command = re.sub(r"--run-dir(=|\s+)\S+", "--run-dir RUN_DIR", command)
+    return re.sub(r"(?<=[\s=])/\S+", lambda m: _shown_path(m.group(0)), command)
+
+
+def _shown_path(path: str) -> str:
+    inside = repo_path(path)
+    return inside if inside != path else Path(path).name
 
 
 REPO = Path(__file__).resolve().parent.parent  # paths in sidecars and results are relative to it

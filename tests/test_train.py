@@ -631,3 +631,18 @@ def test_loss_fn_accepts_a_model_without_a_config():
     t, eps = _draws(x0, 0)
     x_t = (1 - SCHED.alphas_cumprod[t]).sqrt().float().view(-1, 1, 1, 1) * eps  # x0 = 0
     torch.testing.assert_close(loss, (x_t - eps).pow(2).mean())
+
+
+def test_portable_command_shows_no_machine_path():
+    """What notebooks print of a recorded command: the run folder as RUN_DIR, paths inside the
+    repository relative to it, others by file name (an export made in a scratch folder)."""
+    from minisd.provenance import REPO
+
+    recorded = (
+        f"python -m minisd train --init-from {REPO / 'data/checkpoints/m.safetensors'} "
+        "--run-dir /home/me/runs/a --export /scratch/me/out_r1.safetensors --steps 9"
+    )
+    assert portable_command(recorded) == (
+        "python -m minisd train --init-from data/checkpoints/m.safetensors --run-dir RUN_DIR "
+        "--export out_r1.safetensors --steps 9"
+    )
