@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from minisd.checkpoint import save_tensors  # noqa: E402
-from minisd.distributed import init_distributed  # noqa: E402
+from minisd.distributed import barrier, init_distributed  # noqa: E402
 from minisd.schedule import NoiseSchedule  # noqa: E402
 from minisd.train import TrainConfig, TrainingInterrupted, fit  # noqa: E402
 from minisd.unet import TINY, UNetModel  # noqa: E402
@@ -78,6 +78,7 @@ def main() -> None:
                      progress=False, device="cpu")  # fmt: skip
     except TrainingInterrupted as err:
         print(f"rank {world.rank}: {err}", flush=True)
+        barrier(world)  # both ranks stopped at the same step; tear down together
         torch.distributed.destroy_process_group()
         sys.exit(128 + err.signum)
     if world.rank == 0:
@@ -86,6 +87,9 @@ def main() -> None:
         save_tensors(args.out, tensors, {"history": result.history, "step": result.step})
     else:
         assert result.ema is None  # rank 0 alone keeps it
+    # Tearing gloo down while rank 0 still saves crashed rank 1 once ("terminate called
+    # without an active exception", SIGABRT): wait for each other first.
+    barrier(world)
     torch.distributed.destroy_process_group()
 
 

@@ -23,7 +23,7 @@ from minisd.conditioning import ConditionedUNet
 from minisd.course import get_device, hardware
 from minisd.data import LOADERS, load_dataset
 from minisd.diffusion import PREDICTIONS, diffusion_loss_fn
-from minisd.distributed import World, init_distributed
+from minisd.distributed import World, barrier, init_distributed
 from minisd.latent import cached_latents, encode_images
 from minisd.pretrained import load_autoencoder, load_diffusion, save_diffusion, write_sidecar
 from minisd.provenance import command_line, run_commands
@@ -144,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     try:
         with contextlib.redirect_stdout(io.StringIO()) if world.rank else contextlib.nullcontext():
             _train(args, world)
+        barrier(world)  # no rank tears gloo down while another is still exporting
     finally:
         if world.size > 1:
             torch.distributed.destroy_process_group()
