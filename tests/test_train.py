@@ -450,7 +450,7 @@ def test_command_line_train_resume_export_sample(tmp_path, monkeypatch):
     assert len(sidecar["commands"]) == 2 and "--resume" in sidecar["commands"][1]
     shown = portable_command(sidecar["commands"][1])  # what notebooks print: no machine path
     assert str(run) not in shown and shown.endswith(
-        "--run-dir RUN_DIR --steps 4 --resume --export " + str(out)
+        "--run-dir RUN_DIR --steps 4 --resume --export " + out.name  # outside the repo: its name
     )
     assert sidecar["hardware"]["torch"] == torch.__version__
     png, pt = tmp_path / "s.png", tmp_path / "s.pt"
