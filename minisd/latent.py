@@ -138,12 +138,17 @@ def activation_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
     This is the memory that grows with batch and image size (the weights do not), measured the
     same way on any device: every tensor saved for backward is counted once, except the weights.
     """
-    weights = {p.data_ptr() for p in model.parameters()}
-    seen: dict[tuple[int, int], int] = {}
+    # Counted by storage, the memory a saved tensor keeps alive: views of one activation count
+    # once, and a slice of a weight (GEGLU's halves) is a weight. (Keyed by address and size
+    # instead, a view with another offset or length counted again, and the sum moved with the
+    # allocator's choices.)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in weights:
-            seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

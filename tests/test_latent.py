@@ -166,6 +166,27 @@ def test_smaller_inputs_keep_fewer_activations_and_costs_are_reported():
     assert 3.5 < large_flops / cost["flops_per_step"] < 4.5  # convolutions scale with positions
 
 
+class _ViewsAndSlices(torch.nn.Module):
+    """Saves, for backward: x (64 floats), y = x * 2 (64), two views of y, and the weight's
+    second half (a slice of a parameter, as GEGLU uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x):  # x (2, 32) requires grad
+        y = x * 2.0
+        a, b = y[:, :16], y[:, 16:]  # two views of y at different offsets and sizes
+        return (a * b).sum() + (x[:, :4] @ self.weight[4:].t()).sum()
+
+
+def test_activation_bytes_count_each_storage_once_and_no_weight():
+    x = torch.randn(2, 32, requires_grad=True)
+    # kept alive for backward: x's storage (saved for the matmul) and y's, 64 floats each;
+    # counted by address and length instead, a, b and x[:, :4] and the weight slice would add up
+    assert activation_bytes(_ViewsAndSlices(), x) == 2 * 64 * 4
+
+
 def test_training_flops_count_multiply_adds_twice_forward_and_backward():
     # y = x W^T with x (4, 3), W (5, 3): 4 * 3 * 5 multiply-adds forward, as many for dL/dW
     assert training_flops(torch.nn.Linear(3, 5, bias=False), torch.randn(4, 3)) == 2 * 2 * 60
