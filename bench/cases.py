@@ -6,6 +6,7 @@ cases; the diffusers twin of a minisd U-Net comes through diffusers' own convert
 each optimiser updates its own weights.
 
 Groups: sd-unet, sd-vae (SD v1 at full size), train-mnist, train-text (training steps),
+compile (the text U-Net's step with torch.compile on both sides, compile time reported),
 generate (text to MNIST end to end, with quality), latent-pixel (minisd's latent model beside
 its pixel model), course (each notebook's quick run and `make test`, minisd alone).
 """
@@ -18,6 +19,7 @@ import dataclasses
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -186,7 +188,11 @@ def train_mnist_unet(batch: int = 128) -> Iterator[Case]:
     )  # fmt: skip
 
 
-def train_text_unet(batch: int = 64, config: UNetConfig = SMALL_TEXT) -> Iterator[Case]:
+def train_text_unet(
+    batch: int = 64, config: UNetConfig = SMALL_TEXT, compiled: bool = False
+) -> Iterator[Case]:
+    """The small text U-Net's training step; compiled: both models through torch.compile
+    (inductor), each compiled by a first step whose time the row reports."""
     ours = _random_unet(config)
     ref = copy.deepcopy(sdmod.to_diffusers_unet(ours))  # same values, its own storage
     gen = torch.Generator().manual_seed(1)
@@ -194,16 +200,30 @@ def train_text_unet(batch: int = 64, config: UNetConfig = SMALL_TEXT) -> Iterato
     t = torch.randint(0, 1000, (batch,), generator=gen)
     ctx = torch.randn(batch, 77, config.context_dim, generator=gen)
     target = torch.randn(batch, 4, 8, 8, generator=gen)
-    yield Case(
-        f"training step, text-conditioned U-Net (4x8x8 latents, 77x{config.context_dim} "
-        f"context, batch {batch})",
-        {"minisd": _train_step(ours, lambda m: m(x, t, ctx), target, ours=True),
-         "reference": _train_step(ref, lambda m: m(x, t, encoder_hidden_states=ctx).sample,
-                                  target, ours=False)},
-        unit="img/s", images=batch,
-        note="reference: diffusers UNet2DConditionModel, identical weights; " + _OPTIMISERS,
-        extra={"parameters": count_parameters(ours)},
-    )  # fmt: skip
+    name = (f"training step, text-conditioned U-Net (4x8x8 latents, 77x{config.context_dim} "
+            f"context, batch {batch})")  # fmt: skip
+    note = "reference: diffusers UNet2DConditionModel, identical weights; " + _OPTIMISERS
+    if compiled:
+        ours, ref = torch.compile(ours), torch.compile(ref)
+    run = {"minisd": _train_step(ours, lambda m: m(x, t, ctx), target, ours=True),
+           "reference": _train_step(ref, lambda m: m(x, t, encoder_hidden_states=ctx).sample,
+                                    target, ours=False)}  # fmt: skip
+    extra = {"parameters": count_parameters(ours)}
+    if compiled:
+        for impl, step in run.items():
+            start = time.perf_counter()
+            step()  # compiles
+            extra[f"{impl}_compile_s"] = time.perf_counter() - start
+        name += ", torch.compile on both"
+        note = (f"first step, compiling included: minisd {extra['minisd_compile_s']:.0f} s, "
+                f"diffusers {extra['reference_compile_s']:.0f} s; " + note)  # fmt: skip
+    yield Case(name, run, unit="img/s", images=batch, note=note, extra=extra,
+               flops=not compiled, memory=not compiled)  # fmt: skip
+
+
+def train_text_compiled(batch: int = 64) -> Iterator[Case]:
+    """`train_text_unet` with both models compiled: the row beside the eager one."""
+    return train_text_unet(batch, compiled=True)
 
 
 # ----- end to end: text to MNIST ----------------------------------------------------------------
@@ -359,6 +379,7 @@ GROUPS: dict[str, Callable[[], Iterator[Case]]] = {
     "sd-vae": sd_vae_decode,
     "train-mnist": train_mnist_unet,
     "train-text": train_text_unet,
+    "compile": train_text_compiled,
     "generate": text_to_mnist,
     "latent-pixel": latent_vs_pixel,
     "course": course_times,
@@ -369,14 +390,18 @@ QUICK = {
     "sd-vae": dict(sides=(32,)),
     "train-mnist": dict(batch=32),
     "train-text": dict(batch=16),
+    "compile": dict(batch=16),
     "generate": dict(n_per_digit=1, samplers=(("ddim", 10), ("dpm++2m", 10))),
     "latent-pixel": dict(batch=16),
     "course": dict(notebooks=("01",), make_test=False),
 }
 
 
-def tiny_case() -> Case:
+# SMALL_TEXT's layout at a width the test suite trains in a second
+TINY_TEXT = dataclasses.replace(SMALL_TEXT, model_channels=16, num_head_channels=16,
+                                norm_num_groups=4)  # fmt: skip
+
+
+def tiny_case(compiled: bool = False) -> Case:
     """A case small enough for the test suite: the harness end to end in a second."""
-    cfg = dataclasses.replace(SMALL_TEXT, model_channels=16, num_head_channels=16,
-                              norm_num_groups=4)  # fmt: skip
-    return next(iter(train_text_unet(batch=2, config=cfg)))
+    return next(iter(train_text_unet(batch=2, config=TINY_TEXT, compiled=compiled)))

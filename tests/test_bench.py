@@ -67,6 +67,24 @@ def test_a_real_training_case_counts_flops_and_memory_and_makes_a_table(tmp_path
     assert json.loads(path.read_text())[0]["name"] == row["name"]
 
 
+def test_the_compiled_case_compiles_both_sides_and_reports_their_compile_time(monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_(module):  # aot_eager: dynamo without inductor's C++ build, so this is quick
+        compiled.append(type(module).__name__)
+        return real_compile(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    case = cases.tiny_case(compiled=True)
+    assert compiled == ["UNetModel", "UNet2DConditionModel"]
+    assert case.name.endswith("torch.compile on both") and not case.flops and not case.memory
+    assert case.extra["minisd_compile_s"] > 0 and case.extra["reference_compile_s"] > 0
+    assert "compiling included" in case.note
+    row = measure(case, repeats=1)
+    assert row["minisd"] > 0 and row["reference"] > 0
+
+
 def test_a_partial_run_replaces_only_its_rows():
     old = [{"name": "a", "v": 1}, {"name": "b", "v": 1}]
     assert run.merge(old, [{"name": "b", "v": 2}, {"name": "c", "v": 2}]) == [

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from helpers import randomize
+from safetensors.torch import load_file
 from torch import nn
 
 from minisd import diffusion, train
@@ -646,3 +647,37 @@ def test_portable_command_shows_no_machine_path():
         "python -m minisd train --init-from data/checkpoints/m.safetensors --run-dir RUN_DIR "
         "--export out_r1.safetensors --steps 9"
     )
+
+
+def test_compile_trains_the_compiled_step_and_saves_plain_keys(tmp_path, monkeypatch):
+    """TrainConfig(compile=True) runs the steps through torch.compile's module, reports the first
+    step's time and keeps checkpoints in the model's own keys; the weights are the eager run's.
+    (aot_eager: dynamo and AOT autograd without inductor's C++ build, so the test is quick.)"""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_(module):
+        compiled.append(real_compile(module, backend="aot_eager"))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    seen = []
+
+    def loss_fn(model, batch, gen):
+        seen.append(model)
+        return diffusion_loss_fn(SCHED)(model, batch, gen)
+
+    x, _ = toy_data()
+    cfg = TrainConfig(steps=2, batch_size=8, ema_decay=None, log_every=1)
+    eager = fit(fresh_model(), diffusion_loss_fn(SCHED), (x,), cfg, progress=False)
+    result = fit(
+        fresh_model(), loss_fn, (x,), dataclasses.replace(cfg, compile=True), tmp_path,
+        progress=False,
+    )  # fmt: skip
+    assert len(compiled) == 1 and seen == [compiled[0]] * 2
+    assert eager.compile_seconds is None and 0 < result.compile_seconds <= result.seconds
+    for a, b in zip(eager.model.parameters(), result.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    saved = load_file(tmp_path / train.CHECKPOINT_NAME)
+    model_keys = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+    assert model_keys == set(result.model.state_dict())  # no "_orig_mod." from the wrapper

@@ -162,6 +162,7 @@ def _train(args: argparse.Namespace, world: World) -> None:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         mixed_precision=not args.fp32,
+        compile=args.compile,
     )
     images, labels = load_dataset(args.dataset, train=True, limit=args.limit)
     vae, samples = None, images
@@ -207,6 +208,10 @@ def _train(args: argparse.Namespace, world: World) -> None:
         f"done: {result.step} steps, {result.seconds:.0f} s, "
         f"last loss {result.history[-1]['loss']:.4f}"
     )
+    if result.compile_seconds is not None:
+        print(
+            f"torch.compile: the first step took {result.compile_seconds:.0f} s, compiling included"
+        )
     if args.export and world.rank == 0:
         export = Path(args.export)
         image_size = images.shape[-1] if vae is not None else None
@@ -462,6 +467,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--checkpoint-every", type=int, default=250)
     t.add_argument(
         "--fp32", action="store_true", help="train in float32 on GPUs too (no mixed precision)"
+    )
+    t.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training step (its first step compiles: minutes on a CPU)",
     )
     t.add_argument("--run-dir", default=None, help="folder for the resumable training checkpoint")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
