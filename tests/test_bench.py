@@ -162,3 +162,25 @@ def test_the_course_group_times_each_notebook_and_reports_a_failed_command(tmp_p
     ]
     with pytest.raises(RuntimeError, match=r"failed \(3\):\n.*boom"):
         cases._run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path)
+
+
+def test_the_profile_sorts_operators_into_families_and_finds_the_optimisers_time():
+    from bench import profile
+
+    assert profile.family("aten::convolution_backward") == "convolution"
+    assert profile.family("aten.convolution.default") == "convolution"
+    assert profile.family("aten::addmm") == profile.family("aten.mm.default") == "matrix multiply"
+    assert profile.family("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert profile.family("aten::_fused_adamw_") == "optimiser"
+    assert profile.family("aten::group_norm") == profile.OTHER
+    runs = cases.tiny_case().run
+    for impl, fn in runs.items():
+        times, wall = profile.family_times(fn, steps=1)
+        # diffusers' side steps torch's plain AdamW: its adds and multiplies are the optimiser's
+        assert times["optimiser"] > 0, impl
+        assert times["convolution"] > 0 and sum(times.values()) <= wall * 1.05
+        flops = profile.family_flops(fn)
+        assert flops["convolution"] > 0 and flops["matrix multiply"] > 0
+    table = profile.family_table(runs, steps=1)
+    assert table.count("\n") == 2 + len(profile.FAMILIES) + 3 - 1
+    assert "| outside operators |" in table and "| wall time |" in table
