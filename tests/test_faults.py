@@ -43,15 +43,6 @@ def tiny_run(seed: int = 0):
     return model, diffusion_loss_fn(NoiseSchedule("linear", 100)), (x,), config
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-exact comparisons across processes: every process sums in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def uninterrupted():
     model, loss_fn, data, config = tiny_run()
     return fit(model, loss_fn, data, config, progress=False)

@@ -41,14 +41,6 @@ def text_model_file(tmp_path_factory):
                           dtype=torch.float32)  # fmt: skip
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("setting", SETTINGS.values(), ids=SETTINGS.keys())
 def test_every_sampler_draws_the_same_images_from_the_same_seed(text_model_file, setting):
     model = load_diffusion(text_model_file)
