@@ -14,6 +14,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,59 +58,49 @@ def _mem(r: dict) -> str:
     return f"{r['minisd_peak_mib']:.0f} / {r['reference_peak_mib']:.0f}"
 
 
-def _versus(rows: list[dict]) -> list[str]:
-    out = [
-        "| benchmark | minisd | diffusers | ratio | minisd GFLOP/s (share of peak) "
-        "| peak MiB minisd / diffusers | note |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        out.append(
-            f"| {r['name']} | {_spread(r, 'minisd')} | {_spread(r, 'reference')} | "
-            f"{r['ratio']:.3f} | {_flops(r)} | {_mem(r)} | {r.get('note', '')} |"
-        )
-    return out
+def _table(rows: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> list[str]:
+    """A Markdown table: one line per result, one column per (header, the cell of a row)."""
+    out = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return out + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
 
 
-def _generation(rows: list[dict]) -> list[str]:
-    out = [
-        "| generation | minisd | diffusers | ratio | digit accuracy minisd / diffusers "
-        "| confident minisd / diffusers | mean abs difference of the images | note |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        diff = f"{r['output_difference']:.3g}" if "output_difference" in r else ""
-        out.append(
-            f"| {r['name']} | {_spread(r, 'minisd')} | {_spread(r, 'reference')} | "
-            f"{r['ratio']:.3f} | {r['minisd_accuracy']:.1%} / {r['reference_accuracy']:.1%} | "
-            f"{r['minisd_confident']:.1%} / {r['reference_confident']:.1%} | {diff} | "
-            f"{r.get('note', '')} |"
-        )
-    return out
+def _compared(name: str, ours: str, theirs: str, ratio: str, *middle, alone: bool = False):
+    """A table's columns: the name, both implementations' times, the ratio, its own columns,
+    the note (a minisd-only table: the name, the time, the note)."""
+    head = [(name, lambda r: r["name"]), (ours, lambda r: _spread(r, "minisd"))]
+    if not alone:
+        head.append((theirs, lambda r: _spread(r, "reference")))
+        head.append((ratio, lambda r: f"{r['ratio']:.3f}"))
+    return head + list(middle) + [("note", lambda r: r.get("note", ""))]
 
 
-def _latent_pixel(rows: list[dict]) -> list[str]:
-    out = [
-        "| benchmark | latent | pixel | ratio latent / pixel | GFLOP per step latent / pixel "
-        "| peak MiB latent / pixel | note |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        gflop = (
-            f"{r['minisd_gflop']:.1f} / {r['reference_gflop']:.1f}" if "minisd_gflop" in r else ""
-        )
-        out.append(
-            f"| {r['name']} | {_spread(r, 'minisd')} | {_spread(r, 'reference')} | "
-            f"{r['ratio']:.3f} | {gflop} | {_mem(r)} | {r.get('note', '')} |"
-        )
-    return out
+def _gflop(r: dict) -> str:
+    if "minisd_gflop" not in r:
+        return ""
+    return f"{r['minisd_gflop']:.1f} / {r['reference_gflop']:.1f}"
 
 
-def _alone(rows: list[dict]) -> list[str]:
-    out = ["| run | wall time | note |", "|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['name']} | {_spread(r, 'minisd')} | {r.get('note', '')} |")
-    return out
+def _shares(key: str) -> Callable[[dict], str]:
+    return lambda r: f"{r[f'minisd_{key}']:.1%} / {r[f'reference_{key}']:.1%}"
+
+
+# The tables of results.md, by kind of row: (title, columns)
+TABLES = {
+    "versus": ("", _compared(
+        "benchmark", "minisd", "diffusers", "ratio",
+        ("minisd GFLOP/s (share of peak)", _flops), ("peak MiB minisd / diffusers", _mem))),
+    "generation": ("## Text to MNIST, end to end: time per batch and quality", _compared(
+        "generation", "minisd", "diffusers", "ratio",
+        ("digit accuracy minisd / diffusers", _shares("accuracy")),
+        ("confident minisd / diffusers", _shares("confident")),
+        ("mean abs difference of the images",
+         lambda r: f"{r['output_difference']:.3g}" if "output_difference" in r else ""))),
+    "pixel": ("## Latent beside pixel diffusion (both minisd, equal U-Net widths)", _compared(
+        "benchmark", "latent", "pixel", "ratio latent / pixel",
+        ("GFLOP per step latent / pixel", _gflop), ("peak MiB latent / pixel", _mem))),
+    "alone": ("## The course's own run times",
+              _compared("run", "wall time", "", "", alone=True)),
+}  # fmt: skip
 
 
 def markdown(rows: list[dict]) -> str:
@@ -144,16 +135,9 @@ def markdown(rows: list[dict]) -> str:
         else:
             kind = "pixel" if label == "pixel" else "versus"
         kinds[kind].append(r)
-    sections = [
-        ("versus", "", _versus),
-        ("generation", "## Text to MNIST, end to end: time per batch and quality", _generation),
-        ("pixel", "## Latent beside pixel diffusion (both minisd, equal U-Net widths)",
-         _latent_pixel),
-        ("alone", "## The course's own run times", _alone),
-    ]  # fmt: skip
-    for kind, title, table in sections:
+    for kind, (title, columns) in TABLES.items():
         if kinds[kind]:
-            out += [""] + ([title, ""] if title else []) + table(kinds[kind])
+            out += [""] + ([title, ""] if title else []) + _table(kinds[kind], columns)
     return "\n".join(out) + "\n"
 
 
