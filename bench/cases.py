@@ -7,6 +7,7 @@ each optimiser updates its own weights.
 
 Groups: sd-unet, sd-vae (SD v1 at full size), train-mnist, train-text (training steps),
 compile (the text U-Net's step with torch.compile on both sides, compile time reported),
+variants (changes a profile suggested, each beside minisd's default: channels_last, bf16),
 generate (text to MNIST end to end, with quality), latent-pixel (minisd's latent model beside
 its pixel model), course (each notebook's quick run and `make test`, minisd alone).
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case
+from bench.harness import Case, cpu_has
 from minisd import sd as sdmod
 from minisd.summary import count_parameters
 from minisd.train import make_optimizer
@@ -335,6 +336,57 @@ def latent_vs_pixel(batch: int = 128) -> Iterator[Case]:
     )  # fmt: skip
 
 
+# ----- changes tried on minisd's own step ------------------------------------------------------
+VARIANT_LABEL = "minisd default"
+
+
+def _text_step(batch: int, channels_last: bool = False, bf16: bool = False) -> Callable:
+    """The small text U-Net's training step as minisd runs it, or with one change: the model
+    and batch in channels_last memory, or the forward pass under bf16 autocast."""
+    unet = _random_unet(SMALL_TEXT)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, 8, 8, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    ctx = torch.randn(batch, 77, SMALL_TEXT.context_dim, generator=gen)
+    target = torch.randn(batch, 4, 8, 8, generator=gen)
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def forward(m):
+        with _autocast("bf16" if bf16 else "fp32"):
+            return m(x, t, ctx).float()
+
+    return _train_step(unet, forward, target, ours=True)
+
+
+def minisd_variants(batch: int = 64, sd_side: int = 32) -> Iterator[Case]:
+    """What a profile suggested and did not pay, kept measurable: each change beside minisd's
+    default on the same step (ratio = the change / the default)."""
+    bf16 = "native bf16 on this CPU" if cpu_has("avx512_bf16") else "no native bf16 on this CPU"
+    for what, kwargs, note in (
+        ("channels_last model and batch", dict(channels_last=True), ""),
+        ("bf16 autocast", dict(bf16=True), bf16),
+    ):
+        yield Case(
+            f"training step, text-conditioned U-Net (batch {batch}), {what}",
+            {"minisd": _text_step(batch, **kwargs), "reference": _text_step(batch)},
+            unit="img/s", images=batch, reference_label=VARIANT_LABEL, note=note,
+            flops=False, memory=False,
+        )  # fmt: skip
+    x = torch.randn(1, 4, sd_side, sd_side, generator=torch.Generator().manual_seed(1))
+    t, ctx = torch.full((1,), 601), torch.randn(1, 77, 768)
+    runs = {}
+    for impl, layout in (("minisd", torch.channels_last), ("reference", torch.contiguous_format)):
+        unet = _random_unet(SD_V1).to(memory_format=layout)  # seeded: the same weights twice
+        x_in = x.contiguous(memory_format=layout)
+        runs[impl] = torch.no_grad()(lambda unet=unet, x_in=x_in: unet(x_in, t, ctx))
+    yield Case(
+        f"SD v1 U-Net forward, batch 1, {sd_side}x{sd_side} latents, fp32, channels_last",
+        runs, reference_label=VARIANT_LABEL, flops=False, memory=False,
+    )  # fmt: skip
+
+
 # ----- the course's own run times ---------------------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -382,6 +434,7 @@ GROUPS: dict[str, Callable[[], Iterator[Case]]] = {
     "compile": train_text_compiled,
     "generate": text_to_mnist,
     "latent-pixel": latent_vs_pixel,
+    "variants": minisd_variants,
     "course": course_times,
 }
 # what `make bench BENCH_ARGS=--quick` runs: the small cases, in seconds
@@ -393,6 +446,7 @@ QUICK = {
     "compile": dict(batch=16),
     "generate": dict(n_per_digit=1, samplers=(("ddim", 10), ("dpm++2m", 10))),
     "latent-pixel": dict(batch=16),
+    "variants": dict(batch=16, sd_side=16),
     "course": dict(notebooks=("01",), make_test=False),
 }
 

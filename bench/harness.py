@@ -161,7 +161,7 @@ def machine() -> dict:
     info = hardware() | {
         "nominal_peak_gflops": (nominal_peak_flops(threads) or 0) / 1e9 or None,
         "sgemm_gflops": sgemm_flops() / 1e9,
-        "cpu_bf16": torch.backends.mkldnn.is_available() and _has_flag("avx512_bf16"),
+        "cpu_bf16": torch.backends.mkldnn.is_available() and cpu_has("avx512_bf16"),
     }
     try:
         import diffusers
@@ -172,6 +172,6 @@ def machine() -> dict:
     return info
 
 
-def _has_flag(flag: str) -> bool:
+def cpu_has(flag: str) -> bool:
     info = Path("/proc/cpuinfo")
     return info.is_file() and f" {flag}" in info.read_text()

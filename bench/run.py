@@ -98,6 +98,8 @@ TABLES = {
     "pixel": ("## Latent beside pixel diffusion (both minisd, equal U-Net widths)", _compared(
         "benchmark", "latent", "pixel", "ratio latent / pixel",
         ("GFLOP per step latent / pixel", _gflop), ("peak MiB latent / pixel", _mem))),
+    "variant": ("## Changes tried on minisd's own step, each beside minisd's default", _compared(
+        "benchmark", "with the change", "minisd default", "ratio")),
     "alone": ("## The course's own run times",
               _compared("run", "wall time", "", "", alone=True)),
 }  # fmt: skip
@@ -125,7 +127,7 @@ def markdown(rows: list[dict]) -> str:
             f"GFLOP/s nominal, {info['sgemm_gflops']:.0f} measured (2048^3 sgemm); "
             f"GPU: {info['gpu'] or 'none'}"
         )
-    kinds = {"versus": [], "generation": [], "pixel": [], "alone": []}
+    kinds = {kind: [] for kind in TABLES}
     for r in rows:
         label = r.get("reference_label", "diffusers")
         if r.get("reference") is None:
@@ -133,7 +135,7 @@ def markdown(rows: list[dict]) -> str:
         elif "minisd_accuracy" in r:
             kind = "generation"
         else:
-            kind = "pixel" if label == "pixel" else "versus"
+            kind = {"pixel": "pixel", cases.VARIANT_LABEL: "variant"}.get(label, "versus")
         kinds[kind].append(r)
     for kind, (title, columns) in TABLES.items():
         if kinds[kind]:

@@ -184,3 +184,22 @@ def test_the_profile_sorts_operators_into_families_and_finds_the_optimisers_time
     table = profile.family_table(runs, steps=1)
     assert table.count("\n") == 2 + len(profile.FAMILIES) + 3 - 1
     assert "| outside operators |" in table and "| wall time |" in table
+
+
+def test_variants_time_a_change_beside_minisds_default_in_their_own_table(monkeypatch):
+    import itertools
+
+    monkeypatch.setattr(cases, "SMALL_TEXT", cases.TINY_TEXT)  # the same step, in a second
+    found = list(itertools.islice(cases.minisd_variants(batch=2), 2))  # not the SD-size case
+    assert [c.name.split(", ")[-1] for c in found] == [
+        "channels_last model and batch", "bf16 autocast"]  # fmt: skip
+    rows = []
+    for case in found:
+        assert case.reference_label == cases.VARIANT_LABEL and case.unit == "img/s"
+        rows.append(measure(case, repeats=1))
+    info = {"cpu": "test", "threads": 1, "torch": "x", "diffusers": "y", "gpu": None}
+    rows = [r | {"machine": info | {"nominal_peak_gflops": 1.0, "sgemm_gflops": 1.0}} for r in rows]
+    table = run.markdown(rows)
+    assert "## Changes tried on minisd's own step" in table
+    assert "| benchmark | with the change | minisd default | ratio | note |" in table
+    assert "| benchmark | minisd | diffusers |" not in table
