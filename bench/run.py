@@ -58,6 +58,10 @@ def _mem(r: dict) -> str:
     return f"{r['minisd_peak_mib']:.0f} / {r['reference_peak_mib']:.0f}"
 
 
+def _machine_key(r: dict) -> str:
+    return json.dumps(r["machine"], sort_keys=True)
+
+
 def _table(rows: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> list[str]:
     """A Markdown table: one line per result, one column per (header, the cell of a row)."""
     out = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
@@ -71,7 +75,11 @@ def _compared(name: str, ours: str, theirs: str, ratio: str, *middle, alone: boo
     if not alone:
         head.append((theirs, lambda r: _spread(r, "reference")))
         head.append((ratio, lambda r: f"{r['ratio']:.3f}"))
-    return head + list(middle) + [("note", lambda r: r.get("note", ""))]
+    return head + list(middle) + [("note", lambda r: r.get("note", "")), ("ran on", _ran_on)]
+
+
+def _ran_on(r: dict) -> str:
+    return r.get("ran_on", "")
 
 
 def _gflop(r: dict) -> str:
@@ -118,15 +126,17 @@ def markdown(rows: list[dict]) -> str:
         "peak MiB: the most memory live tensors held during one run (weights excluded).",
         "",
     ]
-    machines = {json.dumps(r["machine"], sort_keys=True) for r in rows}
-    for m in sorted(machines):
+    # each machine once, numbered in the order rows first name it; each row says its number
+    machines = list(dict.fromkeys(_machine_key(r) for r in rows))
+    for i, m in enumerate(machines, 1):
         info = json.loads(m)
         out.append(
-            f"- machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
+            f"- M{i}: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
             f"diffusers {info['diffusers']}; fp32 peak {info['nominal_peak_gflops'] or 0:.0f} "
-            f"GFLOP/s nominal, {info['sgemm_gflops']:.0f} measured (2048^3 sgemm); "
-            f"GPU: {info['gpu'] or 'none'}"
+            f"GFLOP/s nominal, {info['sgemm_gflops']:.0f} measured (2048^3 sgemm) when the run "
+            f"started; GPU: {info['gpu'] or 'none'}"
         )
+    rows = [r | {"ran_on": f"M{machines.index(_machine_key(r)) + 1}"} for r in rows]
     kinds = {kind: [] for kind in TABLES}
     for r in rows:
         label = r.get("reference_label", "diffusers")

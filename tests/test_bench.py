@@ -201,5 +201,6 @@ def test_variants_time_a_change_beside_minisds_default_in_their_own_table(monkey
     rows = [r | {"machine": info | {"nominal_peak_gflops": 1.0, "sgemm_gflops": 1.0}} for r in rows]
     table = run.markdown(rows)
     assert "## Changes tried on minisd's own step" in table
-    assert "| benchmark | with the change | minisd default | ratio | note |" in table
+    assert "| benchmark | with the change | minisd default | ratio | note | ran on |" in table
+    assert table.count("- M1: test, 1 threads") == 1 and table.count(" | M1 |") == 2
     assert "| benchmark | minisd | diffusers |" not in table
