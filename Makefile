@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## test: lint, unit tests and every notebook under strict nbval (the CI command)
+## test: lint, unit tests, every notebook under strict nbval (the CI command), and the widgets in
+# JupyterLab in headless Chromium (tests/browser; skipped, with a line saying how to enable them,
+# when no Chromium is installed)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q --nbval --nbval-current-env --nbval-cell-timeout=600 tests notebooks
 
