@@ -158,19 +158,36 @@ def explorers_in(notebook: Path) -> int:
     return sum(map(_is_explorer, json.loads(notebook.read_text())["cells"]))
 
 
+def _binds_and_reads(node: ast.AST) -> tuple[set[str], set[str]]:
+    binds, reads = set(), set()
+    for child in ast.walk(node):
+        if isinstance(child, ast.Name):
+            (reads if isinstance(child.ctx, ast.Load) else binds).add(child.id)
+        elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            binds.add(child.name)
+        elif isinstance(child, ast.Import | ast.ImportFrom):
+            binds |= {(alias.asname or alias.name).split(".")[0] for alias in child.names}
+    return binds, reads
+
+
 def _names(source: str) -> tuple[set[str], set[str]]:
-    """The names a cell binds, and those it reads without binding them itself."""
+    """The names a cell binds, and those it reads from earlier cells. Statement by statement: a
+    name a statement binds is its own (a loop variable), except that an assignment reads its
+    value first (`x = x + 1`, `x += 1`)."""
     from IPython.core.inputtransformer2 import TransformerManager
 
     bound, read = set(), set()
-    for node in ast.walk(ast.parse(TransformerManager().transform_cell(source))):
-        if isinstance(node, ast.Name):
-            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            bound.add(node.name)
-        elif isinstance(node, ast.Import | ast.ImportFrom):
-            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
-    return bound, read - bound
+    for statement in ast.parse(TransformerManager().transform_cell(source)).body:
+        binds, reads = _binds_and_reads(statement)
+        reads -= binds
+        if isinstance(statement, ast.Assign | ast.AugAssign | ast.AnnAssign) and statement.value:
+            value_binds, value_reads = _binds_and_reads(statement.value)
+            reads |= value_reads - value_binds
+            if isinstance(statement, ast.AugAssign) and isinstance(statement.target, ast.Name):
+                reads.add(statement.target.id)
+        read |= reads - bound
+        bound |= binds
+    return bound, read
 
 
 def cells_explorers_need(cells: list[dict]) -> list[int]:

@@ -10,6 +10,7 @@ from labdriver import (
     ARTIFACTS,
     REPO,
     WINDOWS,
+    cells_explorers_need,
     copy_for_lab,
     explorer_count,
     explorers_in,
@@ -105,3 +106,29 @@ def test_the_checks_catch_broken_widgets(lab, page):
     assert layout(page, 1)["problems"] == []
     set_window(page, 1400, 900, True)
     assert redraw_problem(page, 1, timeout=5) is not None
+
+
+def test_the_browser_runs_the_cells_the_explorers_need(tmp_path):
+    sources = [
+        "%matplotlib inline\nimport torch\nfrom minisd.widgets import ScheduleExplorer",  # 0
+        "digits = torch.rand(9, 1, 28, 28)",  # 1
+        "slow = [d.sum() for d in digits]  # minutes of sampling no explorer reads",  # 2
+        "x0 = digits[:1]",  # 3
+        "x0 = x0 * 2 - 1\nscale = 1\nscale += x0.std()",  # 4: reads the x0 of cell 3
+        "# a note",  # 5 (markdown)
+        "for d in digits[:2]:\n    x0 = d[None] * scale",  # 6: its own d; x0 bound, not read
+        "grid = [scale * d for d in slow]",  # 7: its own d; reads slow, but nothing needs it
+        "explorer = ScheduleExplorer(x0)",  # 8
+        "x0 = None  # after the explorer: not needed",  # 9
+    ]
+    cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    cells[5] = nbformat.v4.new_markdown_cell(sources[5])
+    cells[3].outputs = [nbformat.v4.new_output("stream", text="saved\n")]
+    assert cells_explorers_need(cells) == [0, 1, 3, 4, 6, 8]
+    notebook = nbformat.v4.new_notebook(cells=cells, metadata={"widgets": {"saved": "state"}})
+    nbformat.write(notebook, tmp_path / "in.ipynb")
+    assert copy_for_lab(tmp_path / "in.ipynb", tmp_path / "out" / "out.ipynb", False) == 6
+    copied = nbformat.read(tmp_path / "out" / "out.ipynb", as_version=4)
+    assert [c.source for c in copied.cells] == [sources[i] for i in (0, 1, 3, 4, 6, 8)]
+    assert copied.cells[2].outputs == [] and "widgets" not in copied.metadata
+    assert copy_for_lab(tmp_path / "in.ipynb", tmp_path / "all.ipynb", True) == len(sources)
