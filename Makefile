@@ -1,4 +1,5 @@
-# minisd: `make test`, `make demo`, `make notebooks`, `make lab`. Each creates .venv on first use.
+# minisd: `make test`, `make demo`, `make notebooks`, `make lab`, `make site`. Each creates .venv on
+# first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 BUILD := build/notebooks
 
-.PHONY: test unit lint demo notebooks lab format clean mutate bench
+.PHONY: test unit lint demo notebooks lab site format clean mutate bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "minisd needs Python >= 3.10 (3.11 recommended)"'
@@ -19,7 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## test: lint, unit tests and every notebook under strict nbval (the CI command)
+## test: lint, unit tests, every notebook under strict nbval (the CI command), and the widgets in
+# JupyterLab in headless Chromium (tests/browser; skipped, with a line saying how to enable them,
+# when no Chromium is installed)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q --nbval --nbval-current-env --nbval-cell-timeout=600 tests notebooks
 
@@ -52,6 +55,12 @@ notebooks: $(STAMP)
 ## lab: JupyterLab on the course notebooks
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
+
+## site: the executed notebooks as a static HTML site (course map, one page per lesson)
+SITE := build/site
+site: $(STAMP)
+	$(BIN)/python tools/course_site.py --out $(SITE) $(NOTEBOOKS)
+	@echo "The course as a site: $(SITE)/index.html"
 
 ## bench: minisd beside diffusers at identical weights; writes bench/results.md and .json
 # BENCH_ARGS picks groups and repeats, e.g. BENCH_ARGS="--only train-text --repeats 5" (or --quick).

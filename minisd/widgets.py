@@ -79,6 +79,18 @@ class _Explorer:
     image: object
     widget: object
 
+    def _arrange(self, controls: list) -> None:
+        """Controls first, at their full width; the figure beside them when the notebook is wide
+        enough, else wrapped below, and scaled down to the notebook's width when it is narrower.
+        A plain HBox lets a wide figure squeeze the controls to nothing (issue 18)."""
+        import ipywidgets as w
+
+        self.image.layout = w.Layout(max_width="100%", height="auto", flex="0 1 auto", margin="0")
+        panel = w.VBox(controls, layout=w.Layout(flex="0 0 auto", margin="0 12px 8px 0"))
+        self.widget = w.Box(
+            [panel, self.image], layout=w.Layout(flex_flow="row wrap", align_items="flex-start")
+        )
+
     def _show(self, fig: plt.Figure) -> None:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=72)
@@ -115,8 +127,7 @@ class ScheduleExplorer(_Explorer):
         self.state: ExplorerState | None = None
         for control in (self.kind, self.num_timesteps, self.beta_start, self.beta_end, self.t):
             control.observe(self._on_change, names="value")
-        controls = w.VBox([self.kind, self.num_timesteps, self.beta_start, self.beta_end, self.t])
-        self.widget = w.HBox([controls, self.image])
+        self._arrange([self.kind, self.num_timesteps, self.beta_start, self.beta_end, self.t])
         self._fig = plt.figure(figsize=(11, 4.5))
         plt.close(self._fig)  # shown through self.image, never by the notebook's own display
         self.update()
@@ -203,12 +214,12 @@ class GuidanceExplorer(_Explorer):
                                   description="sampler", style=style)  # fmt: skip
         self.steps = w.IntSlider(20, min=2, max=50, description="steps", style=style, layout=wide)
         self.seed = w.IntText(0, description="seed", style=style)
-        self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self.image = w.Image(format="png")
         self.state: GuidanceState | None = None
-        controls = (self.prompt, self.scale, self.sampler, self.steps, self.seed)
+        controls = [self.prompt, self.scale, self.sampler, self.steps, self.seed]
         for control in controls:
             control.observe(lambda _: self.update(), names="value")
-        self.widget = w.VBox([w.VBox(list(controls)), self.image])  # controls never lose width
+        self._arrange(controls)
         self._fig = plt.figure(figsize=(8, 1.6))
         plt.close(self._fig)
         self.update()
@@ -275,12 +286,12 @@ class Img2ImgExplorer(_Explorer):
         self.scale = w.FloatSlider(3.0, min=0.0, max=10.0, step=0.5, description="guidance",
                                    style=style, layout=wide)  # fmt: skip
         self.seed = w.IntText(0, description="seed", style=style)
-        self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self.image = w.Image(format="png")
         self.state: Img2ImgState | None = None
-        controls = (self.prompt, self.strength, self.scale, self.seed)
+        controls = [self.prompt, self.strength, self.scale, self.seed]
         for control in controls:
             control.observe(lambda _: self.update(), names="value")
-        self.widget = w.VBox([w.VBox(list(controls)), self.image])
+        self._arrange(controls)
         self._fig = plt.figure(figsize=(8, 2.4))
         plt.close(self._fig)
         self.update()
