@@ -1,4 +1,8 @@
-"""One JupyterLab server and one headless Chromium for the browser tests; both always stopped."""
+"""A JupyterLab server and a headless Chromium for each browser test module; both always stopped.
+
+Module-scoped, not session-scoped: Playwright's sync API keeps an asyncio loop running in the
+main thread while it is open, and every later test that runs a kernel through nbclient (the
+grader's) would fail with "asyncio.run() cannot be called from a running event loop"."""
 
 import os
 
@@ -10,7 +14,7 @@ REQUIRED = os.environ.get("MINISD_BROWSER_TESTS") == "1"
 _skipped: list[str] = []
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     reason = missing()
     if reason and REQUIRED:
@@ -22,7 +26,7 @@ def browser():
         yield browser
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab(browser, tmp_path_factory):
     """JupyterLab serving a scratch folder: tests copy notebooks there, never run the course's."""
     root = tmp_path_factory.mktemp("lab")
