@@ -32,3 +32,23 @@ def assert_one_to_one(converted: dict[str, torch.Tensor], want: dict, n_ours: in
         sources.setdefault(first, []).append(key)
     assert len(sources) == n_ours, f"{n_ours - len(sources)} of our tensors went nowhere"
     assert all(len(keys) == 1 for keys in sources.values()), "one tensor went to several keys"
+
+
+def save_tiny_text_model(path, timesteps: int):
+    """A tiny text-conditioned model (random U-Net, small transformer text encoder) saved to
+    path as a float32 checkpoint with a linear schedule of `timesteps` steps; returns the path."""
+    import dataclasses
+
+    from minisd.conditioning import TextConditioner
+    from minisd.pretrained import save_diffusion
+    from minisd.schedule import NoiseSchedule
+    from minisd.text import TransformerTextConfig, TransformerTextEncoder
+    from minisd.unet import TINY, UNetModel
+
+    torch.manual_seed(0)
+    encoder = TransformerTextEncoder(TransformerTextConfig(dim=16, heads=2, max_length=16))
+    cfg = dataclasses.replace(TINY, in_channels=1, out_channels=1, context_dim=encoder.dim)
+    unet = UNetModel(cfg).eval()
+    randomize(unet, std=0.1)
+    return save_diffusion(path, unet, NoiseSchedule("linear", timesteps), "eps",
+                          conditioner=TextConditioner(encoder), dtype=torch.float32)  # fmt: skip

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import randomize, save_tiny_text_model
 
 from minisd.guidance import check_scale, classifier_free
 from minisd.pretrained import DiffusionModel
@@ -122,18 +122,7 @@ def test_guidance_needs_a_conditional_model_and_matching_arguments():
 # ----- the text-to-image command --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_text_checkpoint(tmp_path_factory):
-    from minisd.conditioning import TextConditioner
-    from minisd.pretrained import save_diffusion
-    from minisd.text import TransformerTextConfig, TransformerTextEncoder
-
-    torch.manual_seed(0)
-    encoder = TransformerTextEncoder(TransformerTextConfig(dim=16, heads=2, max_length=16))
-    cfg = dataclasses.replace(TINY, in_channels=1, out_channels=1, context_dim=encoder.dim)
-    unet = UNetModel(cfg).eval()
-    randomize(unet, std=0.1)
-    path = tmp_path_factory.mktemp("text") / "text.safetensors"
-    return save_diffusion(path, unet, NoiseSchedule("linear", 50), "eps",
-                          conditioner=TextConditioner(encoder), dtype=torch.float32)  # fmt: skip
+    return save_tiny_text_model(tmp_path_factory.mktemp("text") / "text.safetensors", 50)
 
 
 def test_generate_writes_one_row_per_prompt_and_the_tensor(tiny_text_checkpoint, tmp_path):

@@ -1,7 +1,6 @@
 """Same seed, same images, on the CPU: every sampler, `generate`, and the command line, in this
 process and in a fresh one (one thread everywhere: a sum's order is part of its result)."""
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -9,17 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import save_tiny_text_model
 
-from minisd.conditioning import TextConditioner
 from minisd.evaluation import generate
-from minisd.pretrained import load_diffusion, save_diffusion
-from minisd.schedule import NoiseSchedule
-from minisd.text import TransformerTextConfig, TransformerTextEncoder
-from minisd.unet import TINY, UNetModel
+from minisd.pretrained import load_diffusion
 
 REPO = Path(__file__).resolve().parent.parent
-SCHED = NoiseSchedule("linear", 20)
 # DDPM draws fresh noise at every step and DDIM with eta > 0 does too: the seed must fix them
 SETTINGS = {
     "ddpm": dict(sampler="ddpm", steps=20),
@@ -31,14 +25,7 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def text_model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    encoder = TransformerTextEncoder(TransformerTextConfig(dim=16, heads=2, max_length=16))
-    cfg = dataclasses.replace(TINY, in_channels=1, out_channels=1, context_dim=encoder.dim)
-    unet = UNetModel(cfg).eval()
-    randomize(unet, std=0.1)
-    path = tmp_path_factory.mktemp("repro") / "text.safetensors"
-    return save_diffusion(path, unet, SCHED, "eps", conditioner=TextConditioner(encoder),
-                          dtype=torch.float32)  # fmt: skip
+    return save_tiny_text_model(tmp_path_factory.mktemp("repro") / "text.safetensors", 20)
 
 
 @pytest.mark.parametrize("setting", SETTINGS.values(), ids=SETTINGS.keys())
