@@ -419,7 +419,7 @@ def course_times(
         )  # fmt: skip
     if make_test:
         yield Case(
-            "make test (lint, unit tests, every notebook under strict nbval)",
+            "make test (lint, unit tests, every notebook under strict nbval, the browser tests)",
             {"minisd": lambda: _run(["make", "test"], ROOT)}, repeats=1, warmup=0,
             flops=False, memory=False, note="the CI command",
         )  # fmt: skip

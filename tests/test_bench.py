@@ -158,7 +158,7 @@ def test_the_course_group_times_each_notebook_and_reports_a_failed_command(tmp_p
     assert [c.name for c in found] == ["notebook 01_forward_noising, quick profile"]
     assert set(found[0].run) == {"minisd"} and found[0].repeats == 1
     assert [c.name for c in cases.course_times(notebooks=(), make_test=True)] == [
-        "make test (lint, unit tests, every notebook under strict nbval)"
+        "make test (lint, unit tests, every notebook under strict nbval, the browser tests)"
     ]
     with pytest.raises(RuntimeError, match=r"failed \(3\):\n.*boom"):
         cases._run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path)
